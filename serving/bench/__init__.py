@@ -1,0 +1,1 @@
+"""mnist-bench: load generator, baselines (in-process ONNX Runtime ceiling, bare gRPC floor) and reports."""

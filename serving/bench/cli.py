@@ -1,0 +1,406 @@
+"""mnist-bench: how many images per second, at what latency, and how close to the hardware's ceiling.
+
+    mnist-bench --spawn --repo models --concurrency 1,8,32,64
+    mnist-bench --server 10.0.0.5:8001,10.0.0.6:8001 --rate 500,1000 \
+        --metrics-url http://10.0.0.5:8002/metrics,http://10.0.0.6:8002/metrics
+    mnist-bench --spawn --repo models --concurrency 64 \\
+        --compare "batching=off:--max-batch-size 1" "batching=on:" "classify:-- --api classify"
+
+--compare "LABEL:[SERVER ARGS][ -- BENCH ARGS]" runs one configuration per argument, each against its own
+freshly spawned server started with --server-args plus SERVER ARGS; BENCH ARGS may override --model,
+--model-version, --api, --stream and --images-per-request for that configuration.
+"""
+
+import argparse
+import shlex
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, wait
+from dataclasses import dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from serving.bench import loadgen, report
+from serving.bench.apis import API_NAMES, build_workload
+from serving.bench.baselines import newest_model, ort_ceiling
+from serving.bench.loadgen import Connection, Level, RunResult, RunSpec
+from serving.bench.server_metrics import Sample, ServerSplit, scrape
+from serving.bench.spawn import Spawned, SpawnError
+
+
+@dataclass(frozen=True)
+class Config:
+    """One column of a comparison: server options (spawn only) and what the client sends."""
+
+    label: str
+    server_args: tuple[str, ...]
+    model: str
+    version: str
+    api: str
+    stream: bool
+    images_per_request: int
+
+    @property
+    def setup(self) -> dict:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "api": self.api,
+            "stream": self.stream,
+            "images_per_request": self.images_per_request,
+            "server_args": " ".join(self.server_args),
+        }
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        if not values or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected positive values, got {text!r}")
+        return values
+
+    return parse
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    """The options a --compare configuration may override."""
+    p.add_argument("--model", default="mnist", help="model name (default: %(default)s)")
+    p.add_argument("--model-version", default="", help="model version (default: the newest)")
+    p.add_argument("--api", choices=API_NAMES, default="kserve", help="API to load (default: %(default)s)")
+    p.add_argument("--stream", action="store_true", help="bidirectional streaming RPC instead of unary")
+    p.add_argument(
+        "--images-per-request", type=int, default=1, help="images per request (default: %(default)s)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mnist-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    where = p.add_argument_group("server")
+    where.add_argument("--server", help="HOST:PORT[,HOST:PORT...] of running replicas, loaded round-robin")
+    where.add_argument(
+        "--metrics-url", help="their Prometheus URL(s), comma-separated, for the server-side split"
+    )
+    where.add_argument(
+        "--spawn", action="store_true", help="start mnist-serve on 127.0.0.1 for the run, then stop it"
+    )
+    where.add_argument("--repo", type=Path, help="model repository (for --spawn and the ORT ceiling)")
+    where.add_argument(
+        "--server-args",
+        default="",
+        help='extra mnist-serve options for --spawn, one string: --server-args="--max-batch-size 1"',
+    )
+    where.add_argument(
+        "--compare", nargs="+", metavar="LABEL:ARGS", help="configurations to run side by side"
+    )
+    client = p.add_argument_group("requests")
+    _client_options(client)
+    load = p.add_argument_group("load")
+    levels = load.add_mutually_exclusive_group()
+    levels.add_argument(
+        "--concurrency", type=_csv(int), help="closed loop: clients in flight, e.g. 1,8,32,64"
+    )
+    levels.add_argument("--rate", type=_csv(float), help="open loop: requests/s, e.g. 500,1000,2000")
+    load.add_argument(
+        "--arrivals", choices=["constant", "poisson"], default="constant", help="open loop arrivals"
+    )
+    load.add_argument("--streams", type=int, default=4, help="open loop with --stream: streams (default: 4)")
+    load.add_argument("--duration", type=float, default=5.0, help="measured seconds per level (default: 5)")
+    load.add_argument("--requests", type=int, default=0, help="measure this many requests per level instead")
+    load.add_argument(
+        "--warmup", type=float, default=1.0, help="unmeasured seconds before each level (default: 1)"
+    )
+    load.add_argument("--procs", type=int, default=1, help="load generator processes (default: 1)")
+    load.add_argument(
+        "--timeout", type=float, default=10.0, help="per-request deadline, seconds (default: 10)"
+    )
+    load.add_argument("--late-ms", type=float, default=1.0, help="open loop: a send this late counts as late")
+    load.add_argument("--seed", type=int, default=0, help="arrival times and digit order")
+    base = p.add_argument_group("baselines and output")
+    base.add_argument(
+        "--baselines", choices=["all", "ceiling", "floor", "none"], default="all", help="(default: all)"
+    )
+    base.add_argument(
+        "--ceiling-batch-sizes", type=_csv(int), help="default: 1,8,32,64,128 + images per request"
+    )
+    base.add_argument("--out", type=Path, default=Path("bench-results"), help="JSON/CSV/PNG directory")
+    base.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sec = p.add_argument_group("security")
+    sec.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server certificate: use TLS")
+    sec.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS)")
+    sec.add_argument("--tls-key", type=Path, help="PEM client key (mTLS)")
+    sec.add_argument("--tls-server-name", help="expected name in the server certificate (default: the host)")
+    sec.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    return p
+
+
+def parse_configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Config]:
+    base = tuple(shlex.split(args.server_args))
+    default = Config(
+        "default", base, args.model, args.model_version, args.api, args.stream, args.images_per_request
+    )
+    if not args.compare:
+        return [default]
+    sub = argparse.ArgumentParser(prog="--compare", add_help=False, exit_on_error=False)
+    _client_options(sub)
+    configs = []
+    for spec in args.compare:
+        label, sep, rest = spec.partition(":")
+        if not sep or not label.strip():
+            parser.error(f"--compare {spec!r}: expected LABEL:[SERVER ARGS][ -- BENCH ARGS]")
+        words = shlex.split(rest)
+        cut = words.index("--") if "--" in words else len(words)
+        server_args, bench_args = words[:cut], words[cut + 1 :]
+        if server_args and not args.spawn:
+            parser.error(f"--compare {label!r}: server options need --spawn")
+        try:
+            own, unknown = sub.parse_known_args(bench_args, argparse.Namespace(**vars(args)))
+        except argparse.ArgumentError as e:
+            parser.error(f"--compare {label!r}: {e}")
+        if unknown:
+            parser.error(f"--compare {label!r}: after '--' only client options are allowed, got {unknown}")
+        configs.append(
+            Config(
+                label.strip(),
+                base + tuple(server_args),
+                own.model,
+                own.model_version,
+                own.api,
+                own.stream,
+                own.images_per_request,
+            )  # fmt: skip
+        )
+    if len({c.label for c in configs}) != len(configs):
+        parser.error("--compare labels must be distinct")
+    return configs
+
+
+def connection(args: argparse.Namespace, targets: tuple[str, ...]) -> Connection:
+    def read(path: Path | None) -> bytes | None:
+        return path.read_bytes() if path else None
+
+    token = args.token_file.read_text().strip() if args.token_file else None
+    return Connection(
+        targets, read(args.tls_ca), read(args.tls_key), read(args.tls_cert), args.tls_server_name, token
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.spawn == bool(args.server):
+        parser.error("give exactly one of --server HOST:PORT[,...] and --spawn")
+    if args.spawn and not args.repo:
+        parser.error("--spawn needs --repo")
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_cert and not args.tls_ca):
+        parser.error("mTLS needs --tls-ca, --tls-cert and --tls-key together")
+    if args.images_per_request < 1 or args.procs < 1 or args.streams < 1 or args.duration <= 0:
+        parser.error("--images-per-request, --procs, --streams and --duration must be positive")
+    configs = parse_configs(args, parser)
+    try:
+        for path in (args.tls_ca, args.tls_cert, args.tls_key, args.token_file):
+            if path is not None:
+                path.read_bytes()
+        run_all(args, configs)
+    except (OSError, SpawnError, FileNotFoundError) as e:
+        print(f"mnist-bench: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("mnist-bench: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    from training.data import DataError, load_mnist
+
+    try:
+        mnist = load_mnist()
+    except DataError as e:
+        raise OSError(str(e)) from None
+    return mnist.test_images, mnist.test_labels
+
+
+def run_all(args: argparse.Namespace, configs: list[Config]) -> None:
+    images, labels = load_digits()
+    levels = [Level(concurrency=c) for c in args.concurrency or []] or [
+        Level(rate=r, arrivals=args.arrivals, streams=args.streams) for r in args.rate or []
+    ]
+    levels = levels or [Level(concurrency=c) for c in (1, 8, 32, 64)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    ceilings = {}
+    if args.baselines in ("all", "ceiling") and args.repo:
+        sizes = sorted(
+            set(args.ceiling_batch_sizes or [1, 8, 32, 64, 128]) | {c.images_per_request for c in configs}
+        )
+        for model, version in dict.fromkeys((c.model, c.version) for c in configs):
+            print(f"ORT ceiling: {model} at batch sizes {sizes}", file=sys.stderr)
+            ceilings[model] = ort_ceiling(newest_model(args.repo, model, version), images, sizes)
+        print(report.ceiling_table(ceilings))
+
+    rows, floor_rows, servers = [], [], []
+    context = get_context("spawn")  # never fork a process that has live gRPC channels
+    with ProcessPoolExecutor(args.procs, mp_context=context) as pool:
+        list(pool.map(time.sleep, [0.2] * args.procs))  # start the generator processes now, not in a level
+        for config in configs:
+            spawned = None
+            if args.spawn:
+                log = args.out / f"server-{_slug(config.label)}.log"
+                spawned = Spawned.mnist_serve(args.repo, list(config.server_args), log)
+                print(f"[{config.label}] spawned: {spawned}", file=sys.stderr)
+                conn = connection(args, (spawned.target,))
+                spawned.wait_serving(conn)
+                probe = Probe((spawned.metrics_url,), config.model, spawned.process.pid)
+            else:
+                conn = connection(args, tuple(args.server.split(",")))
+                probe = Probe(tuple(args.metrics_url.split(",")) if args.metrics_url else (), config.model)
+            try:
+                workload = build_workload(
+                    config.api, config.stream, config.model, config.version, images, labels,
+                    config.images_per_request,
+                )  # fmt: skip
+                for level in levels:
+                    spec = _spec(args, workload, conn, level, check=True)
+                    result, split = run_level(pool, args, spec, probe, config.label)
+                    rows.append(report.summarize(config.label, config.setup, level, result, split))
+                    print(report.table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+            finally:
+                if spawned:
+                    code = spawned.stop()
+                    servers.append({"config": config.label, "command": str(spawned), "exit_code": code})
+        if args.baselines in ("all", "floor"):
+            floor_rows = run_floor(pool, args, configs, levels, images, labels)
+    report.add_ratios(rows, floor_rows, ceilings)
+    write_outputs(args, configs, rows, floor_rows, ceilings, servers)
+
+
+def run_floor(pool, args, configs: list[Config], levels: list[Level], images, labels) -> list[dict]:
+    """The same levels against the echo server, once per distinct request shape."""
+    rows = []
+    echo = Spawned.echo(args.out / "server-echo.log")
+    try:
+        conn = Connection((echo.target,))
+        echo.wait_serving(conn)
+        shapes = dict.fromkeys((c.api, c.stream, c.images_per_request) for c in configs)
+        for api, stream, ipr in shapes:
+            workload = build_workload(api, stream, "echo", "", images, labels, ipr)
+            setup = {"model": "echo", "version": "", "api": api, "stream": stream, "images_per_request": ipr,
+                     "server_args": "", "checked": False}  # fmt: skip
+            for level in levels:
+                spec = _spec(args, workload, conn, level, check=False)
+                result, split = run_level(pool, args, spec, Probe(pid=echo.process.pid), report.FLOOR)
+                rows.append(report.summarize(report.FLOOR, setup, level, result, split))
+    finally:
+        echo.stop()
+    return rows
+
+
+def _spec(args, workload, conn: Connection, level: Level, check: bool) -> RunSpec:
+    return RunSpec(
+        workload, conn, level, start_at=0.0, warmup_s=args.warmup, duration_s=args.duration,
+        max_requests=args.requests, timeout_s=args.timeout, late_after_s=args.late_ms / 1e3,
+        seed=args.seed, check=check,
+    )  # fmt: skip
+
+
+def split_spec(spec: RunSpec, procs: int) -> list[RunSpec]:
+    """Share one level between generator processes: concurrency, rate and request count are divided."""
+    specs = []
+    for k in range(procs):
+        level = spec.level
+        if level.concurrency:
+            level = replace(level, concurrency=_share(level.concurrency, procs, k))
+            if not level.concurrency:
+                continue
+        else:
+            level = replace(level, rate=level.rate / procs, streams=max(1, _share(level.streams, procs, k)))
+        max_requests = _share(spec.max_requests, procs, k)
+        if spec.max_requests and not max_requests:
+            continue
+        specs.append(
+            replace(spec, level=level, max_requests=max_requests, seed=spec.seed * 1000 + k, phase=k / procs)
+        )
+    return specs
+
+
+def _share(total: int, parts: int, k: int) -> int:
+    return total // parts + (k < total % parts)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What to read from the server at the window edges: its /metrics and, when spawned, its CPU."""
+
+    metrics_urls: tuple[str, ...] = ()
+    model: str = ""
+    pid: int | None = None
+
+    def read(self) -> tuple[float, Sample]:
+        return time.time(), scrape(list(self.metrics_urls), self.model, self.pid)
+
+
+def run_level(
+    pool: ProcessPoolExecutor, args, spec: RunSpec, probe: Probe, label: str
+) -> tuple[RunResult, ServerSplit | None]:
+    """Run one level on the generator processes; read the server's metrics at the window edges."""
+    start_at = time.time() + 0.3
+    futures = [pool.submit(loadgen.run, s) for s in split_spec(replace(spec, start_at=start_at), args.procs)]
+    begin = start_at + spec.warmup_s
+    end = None if spec.max_requests else begin + spec.duration_s
+    probing = bool(probe.metrics_urls) or probe.pid is not None
+    before = after = None
+    total = spec.warmup_s + (spec.duration_s if end else 0)
+    with tqdm(total=round(total, 1) or None, desc=f"{label} {spec.level.label}", unit="s", leave=False,
+              disable=args.no_progress, bar_format="{desc}: {bar} {n:.1f}/{total}s") as bar:  # fmt: skip
+        while not all(f.done() for f in futures):
+            now = time.time()
+            if probing and before is None and now >= begin:
+                before = probe.read()
+            if probing and after is None and end and now >= end:
+                after = probe.read()
+            bar.n = round(min(max(0.0, now - start_at), total or now - start_at), 1)
+            bar.refresh()
+            wait(futures, timeout=0.05)
+    result = RunResult.merge([f.result() for f in futures])
+    if before is None:
+        return result, None
+    after = after or probe.read()
+    return result, ServerSplit.between(before[1], after[1], after[0] - before[0])
+
+
+def write_outputs(args, configs, rows, floor_rows, ceilings, servers) -> None:
+    title = f"mnist-bench: {', '.join(c.label for c in configs)} on {report.machine()['cpu']}"
+    out = args.out
+    report.write_json(
+        out / "results.json",
+        {
+            "command": ["mnist-bench", *sys.argv[1:]],
+            "machine": report.machine(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "servers": servers,
+            "ceiling": ceilings,
+            "floor": floor_rows,
+            "results": rows,
+        },
+    )
+    report.write_csv(out / "results.csv", rows + floor_rows)
+    report.plot(out / "latency.png", rows, floor_rows, title)
+    if ceilings:
+        print(report.ceiling_table(ceilings))
+    print(report.table(rows + floor_rows))
+    print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'latency.png'}")
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Figures per level, and the outputs: terminal table, JSON, CSV and the PNG plot."""
+
+import csv
+import json
+import math
+import os
+import platform
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from serving.bench.baselines import CeilingPoint
+from serving.bench.loadgen import Level, RunResult
+from serving.bench.server_metrics import ServerSplit
+
+PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99, "p99_9": 99.9}
+FLOOR = "grpc-echo-floor"
+
+
+def summarize(config: str, setup: dict, level: Level, result: RunResult, split: ServerSplit | None) -> dict:
+    """One row: the level, throughput, latency distribution (ms), outcomes, server-side split."""
+    lat = result.latency_s * 1e3
+    ok = len(lat)
+    row = {
+        "config": config,
+        **setup,
+        "mode": "closed" if level.concurrency else "open",
+        "concurrency": level.concurrency or None,
+        "rate": level.rate or None,
+        "arrivals": None if level.concurrency else level.arrivals,
+        "requests": sum(result.status.values()),
+        "ok": ok,
+        "errors": sum(n for s, n in result.status.items() if s != "OK"),
+        "status": dict(sorted(result.status.items())),
+        "window_s": result.window_s,
+        "req_per_s": ok / result.window_s if result.window_s else 0.0,
+        "images_per_s": result.images / result.window_s if result.window_s else 0.0,
+        "images": result.images,
+        "correct": result.correct,
+        "accuracy": result.correct / result.images if result.images and setup.get("checked", True) else None,
+        "mean_ms": float(lat.mean()) if ok else None,
+        "std_ms": float(lat.std()) if ok else None,
+        **{k: float(np.percentile(lat, q)) if ok else None for k, q in PERCENTILES.items()},
+        "max_ms": float(lat.max()) if ok else None,
+        "client_cpu_us_per_request": 1e6 * result.cpu_s / result.sent if result.sent else None,
+    }
+    if not level.concurrency:
+        row |= {
+            "scheduled": result.scheduled,
+            "late": result.late,
+            "unsent": result.unsent,
+            "max_send_lag_ms": result.max_lag_s * 1e3,
+        }
+    if split is not None:
+        if split.batches:
+            row |= {
+                "server_requests": split.requests,
+                "server_mean_ms": split.mean_request_ms,
+                "server_queue_ms": split.mean_queue_ms,
+                "server_compute_ms": split.mean_compute_ms,
+                "server_batch_size": split.mean_batch_size,
+            }
+        if not math.isnan(split.cpu_s):
+            # Per request answered in the window; the client's count, as the echo floor has no metrics.
+            row["server_cpu_cores"] = split.cpu_s / split.seconds
+            row["server_cpu_us_per_request"] = 1e6 * split.cpu_s / max(1, row["requests"])
+    return row
+
+
+def add_ratios(rows: list[dict], floor_rows: list[dict], ceilings: dict[str, list[CeilingPoint]]) -> None:
+    """Served throughput as a fraction of the echo floor (same level) and the ORT ceiling (same model)."""
+    floor = {_level_key(r): r["req_per_s"] for r in floor_rows}
+    for row in rows:
+        if (echo := floor.get(_level_key(row))) is not None:
+            row["floor_req_per_s"] = echo
+            row["of_floor"] = row["req_per_s"] / echo if echo else None
+        if points := ceilings.get(row["model"]):
+            peak = max(p.images_per_s for p in points)
+            same = next((p.images_per_s for p in points if p.batch_size == row["images_per_request"]), None)
+            row["ceiling_images_per_s"] = peak
+            row["of_ceiling"] = row["images_per_s"] / peak
+            if same:
+                row["of_ceiling_same_batch"] = row["images_per_s"] / same
+
+
+def _level_key(row: dict) -> tuple:
+    return (row["api"], row["stream"], row["images_per_request"], row["concurrency"], row["rate"])
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+    }
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.{digits}f}"
+    return str(value)
+
+
+TABLE = [
+    ("config", "config"),
+    ("level", None),
+    ("req/s", "req_per_s"),
+    ("img/s", "images_per_s"),
+    ("mean±std ms", None),
+    ("p50", "p50"),
+    ("p90", "p90"),
+    ("p99", "p99"),
+    ("p99.9", "p99_9"),
+    ("max", "max_ms"),
+    ("errors", None),
+    ("acc", "accuracy"),
+    ("queue ms", "server_queue_ms"),
+    ("compute ms", "server_compute_ms"),
+    ("batch", "server_batch_size"),
+    ("srv cpu µs/req", "server_cpu_us_per_request"),
+    ("gen cpu µs/req", "client_cpu_us_per_request"),
+    ("×floor", "of_floor"),
+    ("×ceiling", "of_ceiling"),
+]
+
+
+def table(rows: Iterable[dict]) -> str:
+    lines = [[title for title, _ in TABLE]]
+    for row in rows:
+        cells = []
+        for title, key in TABLE:
+            if title == "level":
+                cells.append(f"c={row['concurrency']}" if row["concurrency"] else f"{row['rate']:g}/s")
+            elif title == "mean±std ms":
+                cells.append(f"{_fmt(row['mean_ms'])}±{_fmt(row['std_ms'])}")
+            elif title == "errors":
+                errors = {s: n for s, n in row["status"].items() if s != "OK"}
+                late = f" late={row['late']}" if row.get("late") else ""
+                cells.append((" ".join(f"{s}={n}" for s, n in errors.items()) or "0") + late)
+            elif title == "acc":
+                cells.append(_fmt(row.get(key), 4))
+            else:
+                cells.append(_fmt(row.get(key)))
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE))]
+    text = [
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    ]
+    return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+
+
+def ceiling_table(ceilings: dict[str, list[CeilingPoint]]) -> str:
+    lines = ["ORT ceiling (in-process, no gRPC):  model  batch  images/s (callers)  p50 ms  p99 ms"]
+    for model, points in ceilings.items():
+        for p in points:
+            rate = f"{p.images_per_s:12,.0f} ({p.callers})"
+            lines.append(f"  {model:>10}  {p.batch_size:5d}  {rate}  {p.p50_ms:.3f}  {p.p99_ms:.3f}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, CeilingPoint):
+        return asdict(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()})
+
+
+def plot(path: Path, rows: list[dict], floor_rows: list[dict], title: str) -> None:
+    """Latency percentiles (log ms) against served images/s: one colour per configuration, one line style
+    per percentile; the echo floor in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    styles = {"p50": "-", "p99": "--", "p99_9": ":"}
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    series = [
+        (c, [r for r in rows if r["config"] == c], colours[i % len(colours)]) for i, c in enumerate(configs)
+    ]
+    if floor_rows:
+        series.append((FLOOR, floor_rows, "grey"))
+    for name, points, colour in series:
+        points = sorted((r for r in points if r["ok"]), key=lambda r: r["images_per_s"])
+        for pct, style in styles.items():
+            ax.plot(
+                [r["images_per_s"] for r in points],
+                [r[pct] for r in points],
+                style,
+                marker="o",
+                markersize=3,
+                color=colour,
+                label=f"{name} {pct.replace('_', '.')}",
+            )
+    ax.set_xlabel("served images/s")
+    ax.set_ylabel("latency (ms, log scale)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,70 @@
+"""The server-side split of a level (queue time, compute time, batch size) from Prometheus deltas.
+
+The server's /metrics are scraped at the start and the end of the measured window; the difference of
+the histogram sums and counts gives the means over exactly that window (warm-up excluded).
+"""
+
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass
+
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+Sample = dict[str, float]  # sample name, with {status} for request counters -> value summed over replicas
+CPU = "server_cpu_seconds"
+
+
+def scrape(urls: list[str], model: str, pid: int | None = None, timeout_s: float = 5.0) -> Sample:
+    """Sum the counters and histogram sums/counts for `model` over every replica's /metrics, plus the
+    server's CPU seconds: of process `pid` (a spawned server) or from process_cpu_seconds_total."""
+    totals: Sample = defaultdict(float)
+    if pid is not None:
+        cpu = psutil.Process(pid).cpu_times()
+        totals[CPU] = cpu.user + cpu.system
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.labels.get("model", model) != model:
+                    continue
+                if s.name == "process_cpu_seconds_total" and pid is None:
+                    totals[CPU] += s.value
+                elif s.name.endswith(("_sum", "_count", "_total")):
+                    status = s.labels.get("status")
+                    totals[f"{s.name}{{{status}}}" if status else s.name] += s.value
+    return dict(totals)
+
+
+@dataclass(frozen=True)
+class ServerSplit:
+    requests: int  # requests the server answered in the window (all APIs and statuses)
+    mean_request_ms: float  # total server time per request
+    mean_queue_ms: float  # per request: waiting for its batch
+    mean_compute_ms: float  # per ORT run (one batch)
+    mean_batch_size: float  # images per ORT run
+    batches: int
+    cpu_s: float  # server CPU seconds in the window (NaN when unknown)
+    seconds: float  # wall time between the two scrapes
+
+    @staticmethod
+    def between(before: Sample, after: Sample, seconds: float) -> "ServerSplit":
+        def delta(name: str) -> float:
+            return after.get(name, 0.0) - before.get(name, 0.0)
+
+        def mean(prefix: str, scale: float = 1.0) -> float:
+            count = delta(f"{prefix}_count")
+            return scale * delta(f"{prefix}_sum") / count if count else float("nan")
+
+        requests = sum(delta(k) for k in after if k.startswith("mnist_requests_total{"))
+        return ServerSplit(
+            requests=int(requests),
+            mean_request_ms=mean("mnist_request_latency_seconds", 1e3),
+            mean_queue_ms=mean("mnist_queue_latency_seconds", 1e3),
+            mean_compute_ms=mean("mnist_compute_latency_seconds", 1e3),
+            mean_batch_size=mean("mnist_batch_size"),
+            batches=int(delta("mnist_batch_size_count")),
+            cpu_s=delta(CPU) if CPU in after else float("nan"),
+            seconds=seconds,
+        )

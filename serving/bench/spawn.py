@@ -1,0 +1,112 @@
+"""Start a server on loopback for the benchmark (`mnist-serve`, or the echo floor), wait until it
+serves, and stop it with SIGTERM at the end."""
+
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.bench.loadgen import Connection
+
+
+class SpawnError(Exception):
+    """The server did not come up; the message quotes the end of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command() -> list[str]:
+    """`mnist-serve` from this interpreter's environment (works without activating the venv)."""
+    script = Path(sys.executable).parent / "mnist-serve"
+    return [str(script)] if script.exists() else ["mnist-serve"]
+
+
+class Spawned:
+    """A server subprocess on 127.0.0.1 with its gRPC and metrics ports and a log file."""
+
+    def __init__(self, command: list[str], port: int, metrics_port: int | None, log_path: Path) -> None:
+        self.command, self.port, self.metrics_port, self.log_path = command, port, metrics_port, log_path
+        self.target = f"127.0.0.1:{port}"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    @classmethod
+    def mnist_serve(cls, repo: Path, extra_args: list[str], log_path: Path) -> "Spawned":
+        port, metrics_port = free_port(), free_port()
+        command = serve_command() + ["--repo", str(repo), "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--metrics-port", str(metrics_port), *extra_args]
+        return cls(command, port, metrics_port, log_path)
+
+    @classmethod
+    def echo(cls, log_path: Path) -> "Spawned":
+        port = free_port()
+        return cls([sys.executable, "-m", "serving.bench.echo", "--port", str(port)], port, None, log_path)
+
+    @property
+    def metrics_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else None
+
+    def wait_serving(self, connection: Connection, timeout_s: float = 120.0) -> None:
+        """Block until grpc.health.v1 says SERVING (models loaded and warm)."""
+        deadline = time.monotonic() + timeout_s
+        channel = _sync_channel(connection, self.target)
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise SpawnError(f"server exited with code {self.process.returncode}: {self.log_tail()}")
+                try:
+                    reply = stub.Check(
+                        health_pb2.HealthCheckRequest(), timeout=1.0, metadata=connection.metadata()
+                    )
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        finally:
+            channel.close()
+        self.stop()
+        raise SpawnError(f"server not SERVING after {timeout_s:.0f} s: {self.log_tail()}")
+
+    def stop(self, grace_s: float = 15.0) -> int:
+        """SIGTERM, wait for the graceful shutdown, SIGKILL if it hangs; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:]) or "(empty log)"
+
+    def __str__(self) -> str:
+        return shlex.join(self.command)
+
+
+def _sync_channel(connection: Connection, target: str) -> grpc.Channel:
+    if connection.root_certificates is None:
+        return grpc.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(
+        connection.root_certificates, connection.private_key, connection.certificate_chain
+    )
+    options = [("grpc.ssl_target_name_override", connection.server_name)] if connection.server_name else []
+    return grpc.secure_channel(target, credentials, options=options)

@@ -1,0 +1,236 @@
+"""A small client for the mnist.v1 Classifier API, and `mnist-predict`.
+
+    client = MnistClient("localhost:8001")
+    result = client.classify(["digit.png", pil_image, numpy_28x28_uint8], top_k=3)
+    result.predictions[0].label
+
+Paths and bytes are sent encoded (the server turns them into MNIST form); PIL images and numpy arrays
+are converted here with the same rule (serving.images.to_mnist) and sent as 784 raw pixels.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from serving.images import to_mnist
+from serving.proto.mnist.v1 import classify_pb2 as pb
+from serving.proto.mnist.v1 import classify_pb2_grpc
+from serving.security import SecurityConfigError, channel_credentials, read_token
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+ImageLike = str | Path | bytes | np.ndarray | Image.Image
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: int
+    confidence: float
+    probabilities: tuple[float, ...]  # digits 0..9
+    top_k: tuple[tuple[int, float], ...]  # (label, probability), most probable first
+
+
+@dataclass(frozen=True)
+class Classification:
+    model: str
+    version: str
+    predictions: list[Prediction]
+    queue_time_us: int
+    compute_time_us: int
+
+
+def to_image_message(image: ImageLike) -> pb.Image:
+    if isinstance(image, str | Path):
+        return pb.Image(encoded=Path(image).read_bytes())
+    if isinstance(image, bytes):
+        return pb.Image(encoded=image)
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint8 and image.size == 784:
+            return pb.Image(pixels=image.tobytes())
+        image = Image.fromarray(image)
+    if isinstance(image, Image.Image):
+        return pb.Image(pixels=to_mnist(image).tobytes())
+    raise TypeError(f"cannot classify {type(image).__name__}: pass a path, bytes, numpy array or PIL image")
+
+
+def from_response(response: pb.ClassifyResponse) -> Classification:
+    predictions = [
+        Prediction(
+            label=p.label,
+            confidence=p.confidence,
+            probabilities=tuple(p.probabilities),
+            top_k=tuple((t.label, t.probability) for t in p.top_k),
+        )
+        for p in response.predictions
+    ]
+    return Classification(
+        response.model, response.version, predictions, response.queue_time_us, response.compute_time_us
+    )
+
+
+@dataclass(frozen=True)
+class StreamError:
+    code: str  # gRPC status name, e.g. INVALID_ARGUMENT
+    message: str
+
+
+CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+class MnistClient:
+    def __init__(
+        self,
+        target: str = "localhost:8001",
+        *,
+        model: str = "mnist",
+        timeout: float = 10.0,
+        tls_ca: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        tls: bool = False,
+        token: str | None = None,
+        max_message_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if tls or tls_ca or tls_cert:
+            self.channel = grpc.secure_channel(
+                target, channel_credentials(tls_ca, tls_cert, tls_key), options
+            )
+        else:
+            self.channel = grpc.insecure_channel(target, options)
+        self.stub = classify_pb2_grpc.ClassifierStub(self.channel)
+        self.model = model
+        self.timeout = timeout
+        self.metadata = [("authorization", f"Bearer {token}")] if token else None
+
+    def classify(
+        self, images: ImageLike | Sequence[ImageLike], top_k: int = 3, version: str = ""
+    ) -> Classification:
+        """One request with all images; raises grpc.RpcError on a server error."""
+        if isinstance(images, str | Path | bytes | Image.Image) or (
+            isinstance(images, np.ndarray) and images.ndim == 2
+        ):
+            images = [images]
+        request = pb.ClassifyRequest(
+            model=self.model, version=version, top_k=top_k, images=[to_image_message(i) for i in images]
+        )
+        return from_response(self.stub.Classify(request, timeout=self.timeout, metadata=self.metadata))
+
+    def classify_each(
+        self, images: Iterable[ImageLike], top_k: int = 3, version: str = ""
+    ) -> Iterator["Classification | StreamError"]:
+        """One streamed request per image, in order: a Classification, or that image's own error."""
+        requests = (
+            pb.ClassifyRequest(model=self.model, version=version, top_k=top_k, images=[to_image_message(i)])
+            for i in images
+        )
+        for response in self.stub.ClassifyStream(requests, timeout=self.timeout, metadata=self.metadata):
+            if response.HasField("error"):
+                yield StreamError(
+                    CODE_NAMES.get(response.error.code, str(response.error.code)), response.error.message
+                )
+            else:
+                yield from_response(response.response)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "MnistClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def find_images(paths: list[Path]) -> list[Path]:
+    """Files as given; directories expanded to the image files inside them (recursively, sorted)."""
+    found = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        else:
+            found.append(path)
+    return found
+
+
+def format_row(path: Path, prediction: Prediction, as_json: bool) -> str:
+    if as_json:
+        row = {"path": str(path), **asdict(prediction)}
+        row["top_k"] = [{"label": label, "probability": p} for label, p in prediction.top_k]
+        return json.dumps(row)
+    top = " ".join(f"{label}:{p:.3f}" for label, p in prediction.top_k)
+    return f"{path}\t{prediction.label}\t{prediction.confidence:.4f}\t{top}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="mnist-predict",
+        description="Classify image files (PNG, JPEG, BMP, ...) with an mnist-serve server. "
+        "One row per file: path, digit, confidence, top-k.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR", help="image files or directories")
+    p.add_argument("--server", default="localhost:8001", help="HOST:PORT of mnist-serve")
+    p.add_argument("--model", default="mnist", help="model name in the server's repository")
+    p.add_argument("--version", default="", help="model version (empty = newest)")
+    p.add_argument("--top-k", type=int, default=3, help="alternatives listed per image (1-10)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole run")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server certificate (implies --tls)")
+    p.add_argument("--tls-cert", type=Path, help="PEM client certificate for mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    p.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    a = p.parse_args(argv)
+    if not 1 <= a.top_k <= 10:
+        p.error("--top-k must be within 1..10")
+
+    failed = False
+    payloads: list[tuple[Path, bytes]] = []
+    for path in find_images(a.images):
+        try:
+            payloads.append((path, path.read_bytes()))
+        except OSError as e:
+            print(f"mnist-predict: error: cannot read {path}: {e.strerror}", file=sys.stderr)
+            failed = True
+    if not payloads:
+        if not failed:
+            print("mnist-predict: error: no image files found", file=sys.stderr)
+        raise SystemExit(1)
+    try:
+        token = read_token(a.token_file) if a.token_file else None
+        client = MnistClient(
+            a.server, model=a.model, timeout=a.timeout, tls=a.tls, tls_ca=a.tls_ca, tls_cert=a.tls_cert,
+            tls_key=a.tls_key, token=token,
+        )  # fmt: skip
+    except SecurityConfigError as e:
+        print(f"mnist-predict: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        results = client.classify_each((data for _, data in payloads), top_k=a.top_k, version=a.version)
+        for (path, _), result in zip(payloads, results, strict=True):
+            if isinstance(result, StreamError):
+                print(f"mnist-predict: error: {path}: {result.code}: {result.message}", file=sys.stderr)
+                failed = True
+            else:
+                print(format_row(path, result.predictions[0], a.json), flush=True)
+    except grpc.RpcError as e:
+        code = e.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            detail = f"cannot reach server {a.server}: {e.details()}"
+        else:
+            detail = f"server {a.server} answered {code.name}: {e.details()}"
+        print(f"mnist-predict: error: {detail}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        client.close()
+    raise SystemExit(1 if failed else 0)

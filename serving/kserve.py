@@ -1,0 +1,221 @@
+"""KServe v2 / Open Inference Protocol servicer (package `inference`, Triton-compatible).
+
+ModelInfer accepts one input `images`, shape [N,1,28,28], datatype UINT8 (or FP32 holding 0..255
+pixel values, rounded to uint8), as raw_input_contents (fast path: one np.frombuffer, no copy) or typed
+contents; it answers `probabilities` FP32 [N,10] as raw_output_contents, like Triton.
+"""
+
+import time
+from collections.abc import AsyncIterator
+from importlib.metadata import version as package_version
+
+import grpc
+import numpy as np
+
+from serving.errors import RequestError
+from serving.images import MNIST_PIXELS
+from serving.metrics import Metrics
+from serving.proto.inference import grpc_service_pb2 as pb
+from serving.proto.inference import grpc_service_pb2_grpc
+from serving.repository import ModelRepository
+
+SERVER_NAME = "mnist-serve"
+EXTENSIONS = ["model_repository", "model_configuration"]
+INPUT_SHAPE_HINT = "[N, 1, 28, 28]"
+BYTES_PER_IMAGE = {"UINT8": MNIST_PIXELS, "FP32": 4 * MNIST_PIXELS}
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def decode_tensor(request: pb.ModelInferRequest, max_images: int) -> np.ndarray:
+    """The request's `images` tensor as uint8 [N,1,28,28]; RequestError(INVALID_ARGUMENT) says what's wrong.
+
+    The declared shape is checked against max_images and the payload size before anything is allocated.
+    """
+    if len(request.inputs) != 1:
+        raise RequestError(INVALID, f"expected exactly 1 input 'images', got {len(request.inputs)}")
+    tensor = request.inputs[0]
+    if tensor.name != "images":
+        raise RequestError(INVALID, f"unknown input {tensor.name[:80]!r}: the model's only input is 'images'")
+    if tensor.datatype not in BYTES_PER_IMAGE:
+        raise RequestError(
+            INVALID, f"input 'images' has datatype {tensor.datatype[:20]!r}: expected UINT8 (or FP32 0..255)"
+        )
+    shape = list(tensor.shape)
+    if len(shape) != 4 or shape[1:] != [1, 28, 28] or shape[0] < 1:
+        raise RequestError(
+            INVALID, f"input 'images' has shape {shape[:8]}: expected {INPUT_SHAPE_HINT}, N >= 1"
+        )
+    n = shape[0]
+    if n > max_images:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"{n} images in one request, above the limit of {max_images}"
+        )
+    count = n * MNIST_PIXELS
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1 or tensor.HasField("contents"):
+            raise RequestError(
+                INVALID, "send 'images' either in raw_input_contents (one entry) or in contents"
+            )
+        raw = request.raw_input_contents[0]
+        expected = n * BYTES_PER_IMAGE[tensor.datatype]
+        if len(raw) != expected:
+            raise RequestError(
+                INVALID,
+                f"raw_input_contents has {len(raw)} bytes; shape {shape} {tensor.datatype} needs {expected}",
+            )
+        flat = np.frombuffer(raw, np.uint8 if tensor.datatype == "UINT8" else "<f4")
+    else:
+        values = (
+            tensor.contents.uint_contents if tensor.datatype == "UINT8" else tensor.contents.fp32_contents
+        )
+        field = "uint_contents" if tensor.datatype == "UINT8" else "fp32_contents"
+        if len(values) != count:
+            raise RequestError(
+                INVALID, f"contents.{field} has {len(values)} values; shape {shape} needs {count}"
+            )
+        flat = np.asarray(values, np.uint32 if tensor.datatype == "UINT8" else np.float32)
+    if flat.dtype != np.uint8:
+        if not np.all((flat >= 0) & (flat <= 255)):  # also false for NaN
+            raise RequestError(INVALID, f"{tensor.datatype} pixel values must be within 0..255 (and finite)")
+        flat = np.rint(flat).astype(np.uint8) if flat.dtype.kind == "f" else flat.astype(np.uint8)
+    return flat.reshape(n, 1, 28, 28)
+
+
+class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: ModelRepository, metrics: Metrics, max_images: int, provider: str) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self.max_images = max_images
+        self.extensions = [*EXTENSIONS, f"onnxruntime_provider:{provider}"]
+        self.live = True
+
+    async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.live)
+
+    async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.live and self.repository.ready)
+
+    async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
+        try:
+            self.repository.get(request.name, request.version)
+        except RequestError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=package_version("mnist-serving"), extensions=self.extensions
+        )
+
+    async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
+        loaded = await self._get(request.name, request.version, context)
+        versions = self.repository.models[loaded.name].versions
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=loaded.name,
+            versions=[str(v) for v in sorted(versions)],
+            platform=loaded.config.platform or "onnxruntime_onnx",
+            inputs=[tensor(name="images", datatype="UINT8", shape=[-1, 1, 28, 28])],
+            outputs=[tensor(name="probabilities", datatype="FP32", shape=[-1, 10])],
+        )
+
+    async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
+        loaded = await self._get(request.name, request.version, context)
+        return pb.ModelConfigResponse(config=loaded.config)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        start = time.perf_counter()
+        self.metrics.inflight.inc()
+        name = request.model_name
+        try:
+            response = await self._infer(request, deadline_of(context))
+        except RequestError as e:
+            self._count(name, e.code.name, start)
+            await context.abort(e.code, e.message)
+        finally:
+            self.metrics.inflight.dec()
+        self._count(name, "OK", start)
+        return response
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # Requests are answered in order; a bad one gets error_message and the stream goes on.
+        async for request in requests:
+            start = time.perf_counter()
+            self.metrics.inflight.inc()
+            try:
+                response = await self._infer(request, deadline_of(context))
+                self._count(request.model_name, "OK", start)
+                yield pb.ModelStreamInferResponse(infer_response=response)
+            except RequestError as e:
+                self._count(request.model_name, e.code.name, start)
+                yield pb.ModelStreamInferResponse(
+                    error_message=f"{e.code.name}: {e.message}",
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name[:128], id=request.id),
+                )
+            finally:
+                self.metrics.inflight.dec()
+
+    async def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
+        index = pb.RepositoryIndexResponse()
+        for name in sorted(p.name for p in self.repository.root.iterdir() if p.is_dir()):
+            loaded = self.repository.models.get(name)
+            if loaded and loaded.versions:
+                for v in sorted(loaded.versions):
+                    index.models.add(name=name, version=str(v), state="READY")
+            elif not request.ready:
+                reason = "unloaded" if name in self.repository.unloaded else "no loadable version"
+                index.models.add(name=name, state="UNAVAILABLE", reason=reason)
+        return index
+
+    async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
+        try:
+            await self.repository.load(request.model_name)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
+        try:
+            await self.repository.unload(request.model_name)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _get(self, name: str, version: str, context):
+        try:
+            return self.repository.get(name, version)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        loaded = self.repository.get(request.model_name, request.model_version)
+        for output in request.outputs:
+            if output.name != "probabilities":
+                raise RequestError(
+                    INVALID, f"unknown output {output.name[:80]!r}: the only output is 'probabilities'"
+                )
+        images = decode_tensor(request, self.max_images)
+        result = await loaded.batcher.submit(images, deadline)
+        probabilities = result.probabilities
+        return pb.ModelInferResponse(
+            model_name=loaded.name,
+            model_version=str(loaded.version),
+            id=request.id,
+            outputs=[
+                pb.ModelInferResponse.InferOutputTensor(
+                    name="probabilities", datatype="FP32", shape=probabilities.shape
+                )
+            ],
+            raw_output_contents=[probabilities.tobytes()],
+        )
+
+    def _count(self, model: str, status: str, start: float) -> None:
+        model = model if model in self.repository.models else "unknown"  # bounded label cardinality
+        self.metrics.request_done(model, "kserve", status, time.perf_counter() - start)

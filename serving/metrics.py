@@ -1,0 +1,88 @@
+"""Prometheus metrics (names shared with mnist-bench, see SPEC) and their HTTP endpoint.
+
+Each Server gets its own CollectorRegistry so several servers can live in one process (tests).
+Hot-path updates use label children resolved once per model: a labels() lookup per request costs more
+than the observation itself.
+"""
+
+from dataclasses import dataclass
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "mnist_requests",
+            "Requests answered, by model, API and gRPC status.",
+            ["model", "api", "status"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "mnist_request_latency_seconds", "Total server time per request.", ["model", "api"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_latency = Histogram(
+            "mnist_queue_latency_seconds", "Time a request waited for its batch.", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.compute_latency = Histogram(
+            "mnist_compute_latency_seconds", "ONNX Runtime time per batch.", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "mnist_batch_size", "Images per ONNX Runtime run.", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("mnist_queue_depth", "Images waiting for a batch.", ["model"], registry=r)
+        self.inflight = Gauge("mnist_inflight_requests", "Requests being handled.", registry=r)
+        self.dropped = Counter(
+            "mnist_requests_dropped", "Requests dropped before compute.", ["model", "reason"], registry=r
+        )
+
+        self._children: dict[tuple, tuple] = {}
+
+    def request_done(self, model: str, api: str, status: str, seconds: float) -> None:
+        """Count one answered request; latency is recorded for successful ones only."""
+        key = (model, api, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.requests.labels(model, api, status), self.request_latency.labels(model, api))
+            self._children[key] = children
+        children[0].inc()
+        if status == "OK":
+            children[1].observe(seconds)
+
+    def for_model(self, model: str) -> "ModelMetrics":
+        return ModelMetrics(
+            queue_latency=self.queue_latency.labels(model),
+            compute_latency=self.compute_latency.labels(model),
+            batch_size=self.batch_size.labels(model),
+            queue_depth=self.queue_depth.labels(model),
+            deadline_expired=self.dropped.labels(model, "deadline_expired"),
+            queue_full=self.dropped.labels(model, "queue_full"),
+            cancelled=self.dropped.labels(model, "cancelled"),
+        )
+
+    def serve_http(self, host: str, port: int):
+        """Start the /metrics endpoint on a daemon thread; returns the WSGI server (its port, shutdown())."""
+        httpd, _ = prometheus_client.start_http_server(port, addr=host, registry=self.registry)
+        return httpd
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """The per-model label children the batcher updates."""
+
+    queue_latency: Histogram
+    compute_latency: Histogram
+    batch_size: Histogram
+    queue_depth: Gauge
+    deadline_expired: Counter
+    queue_full: Counter
+    cancelled: Counter

@@ -1,0 +1,147 @@
+"""Shared serving fixtures: a real trained model repository and in-process servers on loopback.
+
+The repository comes from `mnist-train --arch cnn --epochs 1 --train-limit 8000` on real MNIST. Training
+takes a minute or more on 2 cores, so the result is kept in pytest's cache under a key made of the
+training sources and arguments: edit training/ and the next run trains again.
+"""
+
+import asyncio
+import hashlib
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.proto.inference import grpc_service_pb2_grpc
+from serving.proto.mnist.v1 import classify_pb2_grpc
+from serving.server import Server, ServerConfig
+from training.data import MNIST, load_mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_ARGS = ["--arch", "cnn", "--epochs", "1", "--train-limit", "8000", "--name", "mnist"]
+
+
+def _training_key() -> str:
+    digest = hashlib.sha256(" ".join(TRAIN_ARGS).encode())
+    for path in sorted((ROOT / "training").glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def trained_repo(request: pytest.FixtureRequest) -> Path:
+    """A model repository with one trained version of `mnist` (read-only: copy it to modify it)."""
+    cached = Path(request.config.cache.mkdir(f"mnist-repo-{_training_key()}"))
+    if not (cached / "mnist" / "1" / "model.onnx").is_file():
+        shutil.rmtree(cached)
+        staging = cached.with_name(cached.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        command = [str(Path(sys.executable).with_name("mnist-train")), *TRAIN_ARGS, "--repo", str(staging)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, f"mnist-train failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        assert done.stdout.strip().splitlines()[-1].startswith("exported: ")
+        staging.rename(cached)
+    return cached
+
+
+@pytest.fixture
+def repo(trained_repo: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained repository (model files only) that a test may change."""
+    copy = tmp_path / "repo"
+    (copy / "mnist" / "1").mkdir(parents=True)
+    shutil.copy(trained_repo / "mnist" / "config.pbtxt", copy / "mnist")
+    shutil.copy(trained_repo / "mnist" / "1" / "model.onnx", copy / "mnist" / "1")
+    return copy
+
+
+@pytest.fixture(scope="session")
+def mnist() -> MNIST:
+    return load_mnist()
+
+
+class RunningServer:
+    """A Server on its own event loop in a background thread, like mnist-serve but in this process."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.run(self._create(config))
+        self.port = self.run(self.server.start())
+        self.target = f"127.0.0.1:{self.port}"
+
+    @staticmethod
+    async def _create(config: ServerConfig) -> Server:
+        return Server(config)
+
+    def run(self, coroutine, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Current value of one sample on the /metrics endpoint (0 if absent)."""
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.run(self.server.stop())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+def local_config(repo: Path, **overrides) -> ServerConfig:
+    base = ServerConfig(repo=repo, host="127.0.0.1", port=0, metrics_port=0, device="cpu", grace_seconds=5.0)
+    return replace(base, **overrides)
+
+
+@pytest.fixture
+def start_server() -> Iterator:
+    """start_server(repo, **ServerConfig overrides) -> RunningServer, stopped at the end of the test."""
+    servers: list[RunningServer] = []
+
+    def start(repo: Path, **overrides) -> RunningServer:
+        servers.append(RunningServer(local_config(repo, **overrides)))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The shared server for read-only tests: the trained repository, default settings."""
+    running = RunningServer(local_config(trained_repo))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def kserve(server: RunningServer):
+    with server.channel() as channel:
+        yield grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture
+def classifier(server: RunningServer):
+    with server.channel() as channel:
+        yield classify_pb2_grpc.ClassifierStub(channel)

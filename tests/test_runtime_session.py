@@ -1,0 +1,217 @@
+"""serving.runtime: contract checks at load, run() semantics, warm-up, provider selection, CUDA path."""
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from serving.runtime import (
+    CPU,
+    CUDA,
+    DeviceError,
+    ModelLoadError,
+    ModelSession,
+    RuntimeOptions,
+    cuda_device_count,
+    resolve_device,
+)
+from training import models
+from training.export import to_onnx
+
+HAS_CUDA = CUDA in ort.get_available_providers() and cuda_device_count() > 0
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA GPU (CPU-only here)")
+
+RNG = np.random.default_rng(0)
+IMAGES = RNG.integers(0, 256, size=(37, 1, 28, 28), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def cnn_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real exporter's output for an (untrained) cnn2: the graph the server will run."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cnn") / "model.onnx"
+    path.write_bytes(to_onnx(models.build("cnn2"), {"arch": "cnn2"}))
+    return path
+
+
+def linear_model(
+    path: Path,
+    input_name: str = "images",
+    input_type: int = TensorProto.UINT8,
+    input_shape: tuple = ("N", 1, 28, 28),
+    classes: int = 10,
+    weight: float = 0.01,
+) -> Path:
+    """A tiny softmax-regression graph whose I/O can be bent to break the contract one way at a time."""
+    weights = helper.make_tensor(
+        "w", TensorProto.FLOAT, [784, classes], RNG.normal(size=784 * classes) * weight
+    )
+    nodes = [
+        helper.make_node("Cast", [input_name], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Flatten", ["x"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info(input_name, input_type, list(input_shape))],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])],
+        [weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "variant", "int8"
+    onnx.save(model, path)
+    return path
+
+
+def test_conformant_model_loads_on_cpu_with_metadata(tmp_path: Path) -> None:
+    session = ModelSession(linear_model(tmp_path / "m.onnx"), RuntimeOptions(device="cpu"))
+    assert session.provider == CPU
+    assert session.variant == "int8"
+    assert session.metadata_props == {"variant": "int8"}
+    probs = session.run(IMAGES)
+    assert probs.shape == (37, 10) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("bend", "message"),
+    [
+        ({"input_name": "pixels"}, "one input named 'images'"),
+        ({"input_type": TensorProto.FLOAT}, "must be uint8"),
+        ({"input_shape": (1, 1, 28, 28)}, "dynamic N"),
+        ({"input_shape": ("N", 28, 28)}, r"uint8 \[N,1,28,28\]"),
+        ({"classes": 5}, r"float32 \[N,10\]"),
+        # Right signature, NaN probabilities: only the probe run at load can tell.
+        ({"weight": float("nan")}, "probe run"),
+    ],
+)
+def test_contract_violations_are_refused_at_load(tmp_path: Path, bend: dict, message: str) -> None:
+    path = linear_model(tmp_path / "bad.onnx", **bend)
+    with pytest.raises(ModelLoadError, match=message) as err:
+        ModelSession(path, RuntimeOptions(device="cpu"))
+    assert str(path) in str(err.value)
+
+
+def test_corrupt_and_missing_files_are_refused(tmp_path: Path) -> None:
+    corrupt = tmp_path / "model.onnx"
+    corrupt.write_bytes(b"\x08\x07not a protobuf model")
+    with pytest.raises(ModelLoadError, match="not a loadable ONNX model") as err:
+        ModelSession(corrupt, RuntimeOptions(device="cpu"))
+    assert str(corrupt) in str(err.value)
+    with pytest.raises(ModelLoadError, match="not found"):
+        ModelSession(tmp_path / "absent.onnx", RuntimeOptions(device="cpu"))
+
+
+def test_results_do_not_depend_on_batch_size(cnn_path: Path) -> None:
+    session = ModelSession(cnn_path, RuntimeOptions(device="cpu"))
+    session.warm_up([1, 8, 37])
+    whole = session.run(IMAGES)
+    one_by_one = np.concatenate([session.run(IMAGES[i : i + 1]) for i in range(len(IMAGES))])
+    chunks = np.concatenate([session.run(IMAGES[i : i + 8]) for i in range(0, len(IMAGES), 8)])
+    for other in (one_by_one, chunks):
+        np.testing.assert_allclose(other, whole, atol=1e-6)
+        assert (other.argmax(1) == whole.argmax(1)).all()
+
+
+def test_concurrent_callers_get_their_own_results(cnn_path: Path) -> None:
+    session = ModelSession(cnn_path, RuntimeOptions(device="cpu"))
+    want = [session.run(IMAGES[i : i + 4]) for i in range(8)]
+    got: list = [None] * 8
+
+    def call(i: int) -> None:
+        for _ in range(5):
+            got[i] = session.run(IMAGES[i : i + 4])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-6)
+
+
+def test_run_rejects_off_contract_arrays(cnn_path: Path) -> None:
+    session = ModelSession(cnn_path, RuntimeOptions(device="cpu"))
+    for bad in (IMAGES.astype(np.float32), IMAGES[:, 0], IMAGES[:0], IMAGES.reshape(37, 1, 784)):
+        with pytest.raises(ValueError, match=r"uint8 \[N,1,28,28\]"):
+            session.run(bad)
+    # Non-contiguous views are fine: run() makes them contiguous.
+    np.testing.assert_allclose(session.run(IMAGES[::2]), session.run(IMAGES[::2].copy()), atol=1e-6)
+
+
+def test_provider_selection_here() -> None:
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto") == (CUDA if HAS_CUDA else CPU)
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("tpu")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error on a machine without a usable GPU")
+def test_cuda_without_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DeviceError, match="--device cuda.*(onnxruntime-gpu|no CUDA GPU)"):
+        resolve_device("cuda")
+    with pytest.raises(DeviceError):
+        ModelSession(linear_model(tmp_path / "m.onnx"), RuntimeOptions(device="cuda"))
+
+
+def test_cuda_only_options_are_ignored_on_cpu(cnn_path: Path) -> None:
+    options = RuntimeOptions(device="cpu", cuda_graph_batch_sizes=(8, 1, 8), io_binding=True)
+    assert options.cuda_graph_batch_sizes == (1, 8)
+    session = ModelSession(cnn_path, options)
+    assert session.provider == CPU
+    assert session.run(IMAGES).shape == (37, 10)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"device": "gpu"},
+        {"intra_op_threads": -1},
+        {"execution_mode": "eager"},
+        {"cudnn_conv_algo_search": "FAST"},
+        {"cuda_graph_batch_sizes": (0, 8)},
+    ],
+)
+def test_options_are_validated(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        RuntimeOptions(**bad)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize(
+    "options",
+    [
+        RuntimeOptions(device="cuda", io_binding=False),
+        RuntimeOptions(device="cuda", io_binding=True),
+        RuntimeOptions(device="cuda", cudnn_conv_algo_search="EXHAUSTIVE"),
+        RuntimeOptions(device="cuda", cuda_graph_batch_sizes=(1, 8, 16)),
+    ],
+    ids=["plain", "io-binding", "exhaustive", "cuda-graphs"],
+)
+def test_cuda_matches_cpu(cnn_path: Path, options: RuntimeOptions) -> None:
+    want = ModelSession(cnn_path, RuntimeOptions(device="cpu")).run(IMAGES)
+    session = ModelSession(cnn_path, options)
+    assert session.provider == CUDA
+    session.warm_up([1, 5, 8, 37])
+    # 37 > the largest graph bucket (16): chunked; 5 pads up to 8; the same buffers are reused across calls.
+    for _ in range(2):
+        np.testing.assert_allclose(session.run(IMAGES), want, atol=1e-4)
+        np.testing.assert_allclose(session.run(IMAGES[:5]), want[:5], atol=1e-4)
+        np.testing.assert_allclose(session.run(IMAGES[5:6]), want[5:6], atol=1e-4)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_auto_picks_cuda_when_present(cnn_path: Path) -> None:
+    assert resolve_device("auto") == CUDA
+    assert ModelSession(cnn_path, RuntimeOptions()).provider == CUDA

@@ -1,0 +1,114 @@
+"""Dynamic batching: concurrent requests merge, results equal unbatched ones, big requests split, the
+queue is bounded, expired requests are dropped before compute, a failed batch fails all its requests."""
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from serving.batcher import Batcher
+from serving.errors import RequestError
+from serving.metrics import Metrics
+from serving.proto.inference import grpc_service_pb2 as pb
+from serving.proto.inference import grpc_service_pb2_grpc
+from serving.runtime import ModelSession, RuntimeOptions
+
+
+def request(images: np.ndarray) -> pb.ModelInferRequest:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=list(images.shape))
+    return pb.ModelInferRequest(model_name="mnist", inputs=[tensor], raw_input_contents=[images.tobytes()])
+
+
+def probabilities(response: pb.ModelInferResponse) -> np.ndarray:
+    return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(-1, 10)
+
+
+def wait_for(condition, seconds: float = 10.0) -> None:
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def images(mnist) -> np.ndarray:
+    return mnist.test_images[:600, None].copy()
+
+
+@pytest.fixture(scope="module")
+def unbatched(trained_repo: Path, images) -> np.ndarray:
+    session = ModelSession(trained_repo / "mnist" / "1" / "model.onnx", RuntimeOptions(device="cpu"))
+    return np.concatenate([session.run(image[None]) for image in images])
+
+
+def test_concurrent_requests_are_batched_and_equal_unbatched(start_server, repo, images, unbatched) -> None:
+    running = start_server(repo, max_queue_delay_us=20_000)
+    with running.channel() as channel, ThreadPoolExecutor(32) as pool:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        futures = [pool.submit(stub.ModelInfer, request(images[i : i + 1]), timeout=30) for i in range(96)]
+        results = np.concatenate([probabilities(f.result()) for f in futures])
+    np.testing.assert_array_equal(results, unbatched[:96])
+    runs = running.metric("mnist_batch_size_count", model="mnist")
+    assert running.metric("mnist_batch_size_sum", model="mnist") == 96
+    assert 96 / runs > 1, f"{runs} runs for 96 single-image requests: nothing was batched"
+
+
+def test_large_request_is_split_into_max_batch_size_runs(start_server, repo, images, unbatched) -> None:
+    running = start_server(repo, max_batch_size=128)
+    with running.channel() as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        np.testing.assert_array_equal(probabilities(stub.ModelInfer(request(images), timeout=30)), unbatched)
+    assert running.metric("mnist_batch_size_count", model="mnist") >= 5  # 600 images, at most 128 per run
+    assert running.metric("mnist_batch_size_bucket", model="mnist", le="128.0") == running.metric(
+        "mnist_batch_size_count", model="mnist"
+    )
+
+
+def test_full_queue_rejects_at_once_and_expired_requests_are_dropped(start_server, repo, images) -> None:
+    # A long queue delay holds the first request in the queue while the others arrive.
+    running = start_server(repo, max_batch_size=256, max_queue_images=256, max_queue_delay_us=1_500_000)
+    with running.channel() as channel, ThreadPoolExecutor(2) as pool:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        first = pool.submit(stub.ModelInfer, request(images[:200]), timeout=30)
+        wait_for(lambda: running.metric("mnist_queue_depth", model="mnist") == 200)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(request(images[200:300]), timeout=30)
+        assert (
+            error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in error.value.details()
+        )
+        assert time.monotonic() - started < 1.0  # at once, not after the queue delay
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(request(images[:1]), timeout=0.2)  # expires while queued
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert probabilities(first.result()).shape == (200, 10)
+    wait_for(lambda: running.metric("mnist_requests_dropped_total", reason="deadline_expired") == 1)
+    assert running.metric("mnist_requests_dropped_total", reason="queue_full") == 1
+    assert running.metric("mnist_batch_size_sum", model="mnist") == 200  # the expired image was not computed
+
+
+def test_a_failed_batch_fails_every_request_in_it() -> None:
+    def broken(images: np.ndarray) -> np.ndarray:
+        raise RuntimeError("device lost")
+
+    def wrong_count(images: np.ndarray) -> np.ndarray:
+        return np.zeros((len(images) + 1, 10), np.float32)
+
+    async def submit_concurrently(run) -> list:
+        batcher = Batcher(
+            "t", run, max_batch_size=8, max_queue_delay_us=50_000, max_queue_images=64,
+            metrics=Metrics().for_model("t"),
+        )  # fmt: skip
+        one = np.zeros((1, 1, 28, 28), np.uint8)
+        results = await asyncio.gather(*(batcher.submit(one) for _ in range(5)), return_exceptions=True)
+        await batcher.close()
+        return results
+
+    for run, message in [(broken, "device lost"), (wrong_count, "returned shape")]:
+        results = asyncio.run(submit_concurrently(run))
+        assert len(results) == 5 and all(isinstance(r, RequestError) for r in results)
+        assert all(r.code == grpc.StatusCode.INTERNAL and message in r.message for r in results)

@@ -1,0 +1,152 @@
+"""Every bad request of issue 3 section 6 gets the right status and a helpful message, while a
+well-formed client running alongside keeps getting answers."""
+
+import io
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.proto.inference import grpc_service_pb2 as kpb
+from serving.proto.inference import grpc_service_pb2_grpc
+from serving.proto.mnist.v1 import classify_pb2 as cpb
+from serving.proto.mnist.v1 import classify_pb2_grpc
+
+INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+ONE = np.zeros((1, 1, 28, 28), np.uint8)
+
+
+def tensor_request(
+    shape, datatype="UINT8", payload=None, name="images", model="mnist", version=""
+) -> kpb.ModelInferRequest:
+    tensor = kpb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)
+    request = kpb.ModelInferRequest(model_name=model, model_version=version, inputs=[tensor])
+    request.raw_input_contents.append(ONE.tobytes() if payload is None else payload)
+    return request
+
+
+def bomb_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buffer, format="PNG")  # small file, 400 Mpixel declared
+    return buffer.getvalue()
+
+
+KSERVE_CASES = {
+    "wrong shape": (tensor_request([1, 28, 28]), INVALID, "expected [N, 1, 28, 28]"),
+    "wrong datatype": (tensor_request([1, 1, 28, 28], "INT64"), INVALID, "expected UINT8"),
+    "byte length": (tensor_request([2, 1, 28, 28]), INVALID, "needs 1568"),
+    "fp32 length": (tensor_request([1, 1, 28, 28], "FP32"), INVALID, "needs 3136"),
+    "fp32 out of range": (
+        tensor_request([1, 1, 28, 28], "FP32", np.full(784, np.nan, "<f4").tobytes()),
+        INVALID,
+        "0..255",
+    ),
+    "wrong input name": (tensor_request([1, 1, 28, 28], name="pixels"), INVALID, "only input is 'images'"),
+    "empty request": (kpb.ModelInferRequest(model_name="mnist"), INVALID, "expected exactly 1 input"),
+    "unknown model": (tensor_request([1, 1, 28, 28], model="resnet"), NOT_FOUND, "loaded models: mnist"),
+    "unknown version": (tensor_request([1, 1, 28, 28], version="7"), NOT_FOUND, "available: 1"),
+    "escaping name": (tensor_request([1, 1, 28, 28], model="../etc"), INVALID, "invalid model name"),
+    "too many images": (tensor_request([5000, 1, 28, 28], payload=b""), EXHAUSTED, "limit of 1024"),
+    "huge declared shape": (tensor_request([2**40, 1, 28, 28], payload=b""), EXHAUSTED, "limit of 1024"),
+}
+
+CLASSIFY_CASES = {
+    "undecodable image": (
+        cpb.ClassifyRequest(model="mnist", images=[cpb.Image(encoded=b"GIF89a..")]),
+        INVALID,
+        "cannot",
+    ),
+    "decompression bomb": (
+        cpb.ClassifyRequest(model="mnist", images=[cpb.Image(encoded=bomb_png())]),
+        INVALID,
+        "pixels",
+    ),
+    "short pixels": (
+        cpb.ClassifyRequest(model="mnist", images=[cpb.Image(pixels=b"\0" * 783)]),
+        INVALID,
+        "expected 784",
+    ),
+    "empty image": (cpb.ClassifyRequest(model="mnist", images=[cpb.Image()]), INVALID, "images[0] is empty"),
+    "no images": (cpb.ClassifyRequest(model="mnist"), INVALID, "at least one"),
+    "bad top_k": (
+        cpb.ClassifyRequest(model="mnist", top_k=11, images=[cpb.Image(pixels=bytes(784))]),
+        INVALID,
+        "1..10",
+    ),
+    "unknown model": (
+        cpb.ClassifyRequest(model="lenet", images=[cpb.Image(pixels=bytes(784))]),
+        NOT_FOUND,
+        "lenet",
+    ),
+    "too many images": (
+        cpb.ClassifyRequest(model="mnist", images=[cpb.Image(pixels=bytes(784))] * 1025),
+        EXHAUSTED,
+        "limit of 1024",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def bystander(server):
+    """A well-formed client hammering the server for the whole module; yields its error list."""
+    stop, errors, answered = threading.Event(), [], []
+
+    def run() -> None:
+        with server.channel() as channel:
+            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            while not stop.is_set():
+                try:
+                    stub.ModelInfer(tensor_request([1, 1, 28, 28]), timeout=10)
+                    answered.append(1)
+                except grpc.RpcError as e:
+                    errors.append(e.code())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield errors, answered
+    stop.set()
+    thread.join(15)
+    assert errors == [] and answered, "the well-formed client was disturbed"
+
+
+@pytest.mark.parametrize("case", KSERVE_CASES)
+def test_kserve_errors(server, bystander, case) -> None:
+    request, code, fragment = KSERVE_CASES[case]
+    with server.channel() as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(request, timeout=10)
+        assert error.value.code() == code
+        assert fragment in error.value.details()
+        response = next(stub.ModelStreamInfer(iter([request]), timeout=10))
+        assert response.error_message.startswith(code.name) and fragment in response.error_message
+        assert stub.ServerLive(kpb.ServerLiveRequest()).live
+
+
+@pytest.mark.parametrize("case", CLASSIFY_CASES)
+def test_classify_errors(server, bystander, case) -> None:
+    request, code, fragment = CLASSIFY_CASES[case]
+    with server.channel() as channel:
+        stub = classify_pb2_grpc.ClassifierStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Classify(request, timeout=10)
+        assert error.value.code() == code
+        assert fragment in error.value.details()
+        response = next(stub.ClassifyStream(iter([request]), timeout=10))
+        assert response.error.code == code.value[0] and fragment in response.error.message
+
+
+def test_message_above_the_size_limit(server, bystander) -> None:
+    with server.channel() as channel:
+        stub = classify_pb2_grpc.ClassifierStub(channel)
+        big = cpb.ClassifyRequest(model="mnist", images=[cpb.Image(encoded=bytes(17 * 1024 * 1024))])
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Classify(big, timeout=10)
+        assert error.value.code() == EXHAUSTED
+
+
+def test_bystander_was_answered(bystander) -> None:
+    assert bystander[1]

@@ -1,0 +1,170 @@
+"""Health transitions, hot reload of a new version, refusal of corrupt models and escaping names,
+graceful shutdown of a real mnist-serve process with requests in flight."""
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.proto.inference import grpc_service_pb2 as pb
+from serving.proto.inference import grpc_service_pb2_grpc
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+ONE = np.zeros((1, 1, 28, 28), np.uint8)
+
+
+def infer_request(version: str = "", images: np.ndarray = ONE) -> pb.ModelInferRequest:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=list(images.shape))
+    return pb.ModelInferRequest(
+        model_name="mnist", model_version=version, inputs=[tensor], raw_input_contents=[images.tobytes()]
+    )
+
+
+def wait_for(condition, seconds: float = 15.0) -> None:
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def add_version(repo: Path, version: int, model_bytes: bytes) -> None:
+    """Write a version the way the exporter does: complete in a temporary dir, then one rename."""
+    staging = repo / "mnist" / f".tmp-{version}"
+    staging.mkdir()
+    (staging / "model.onnx").write_bytes(model_bytes)
+    staging.rename(repo / "mnist" / str(version))
+
+
+def test_health_follows_model_availability(start_server, repo: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    running = start_server(empty, poll_seconds=0.1)
+    with running.channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        def status() -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+        assert status() == NOT_SERVING and not kserve.ServerReady(pb.ServerReadyRequest()).ready
+        shutil.copytree(repo / "mnist", tmp_path / "staging")
+        (tmp_path / "staging").rename(empty / "mnist")
+        wait_for(lambda: status() == SERVING)
+        assert kserve.ServerReady(pb.ServerReadyRequest()).ready
+        service = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+        assert health.Check(service, timeout=5).status == SERVING
+        kserve.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="mnist"))
+        assert status() == NOT_SERVING
+        kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="mnist"))
+        assert status() == SERVING
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == SERVING
+        running.run(running.server.stop())
+        assert next(watch).status == NOT_SERVING  # announced before the port closes
+        watch.cancel()
+
+
+def test_hot_reload_swaps_versions_without_failing_requests(start_server, repo: Path, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    running = start_server(repo, poll_seconds=0.1)
+    stop, errors, versions = threading.Event(), [], set()
+
+    def keep_asking() -> None:
+        with running.channel() as channel:
+            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            while not stop.is_set():
+                try:
+                    versions.add(stub.ModelInfer(infer_request(), timeout=10).model_version)
+                except grpc.RpcError as e:
+                    errors.append(e)
+
+    thread = threading.Thread(target=keep_asking, daemon=True)
+    thread.start()
+    try:
+        with running.channel() as channel:
+            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ModelInfer(infer_request()).model_version == "1"
+            add_version(repo, 2, (repo / "mnist" / "1" / "model.onnx").read_bytes())
+            wait_for(lambda: stub.ModelInfer(infer_request()).model_version == "2")
+            assert stub.ModelInfer(infer_request("1")).model_version == "1"  # older versions stay addressable
+
+            add_version(repo, 3, b"\x08\x07 this is not an onnx model")
+            wait_for(lambda: any("model_refused" in r.getMessage() for r in caplog.records))
+            refused = next(r.getMessage() for r in caplog.records if "model_refused" in r.getMessage())
+            assert str(repo / "mnist" / "3" / "model.onnx") in refused
+            assert stub.ModelInfer(infer_request()).model_version == "2"  # the corrupt one did not replace it
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ModelInfer(infer_request("3"))
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        stop.set()
+        thread.join(15)
+    assert errors == [] and versions == {"1", "2"}
+
+
+def test_names_and_symlinks_escaping_the_repository_are_refused(
+    start_server, repo: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    shutil.copytree(repo / "mnist", outside / "model")
+    (repo / "evil").symlink_to(outside / "model")  # a model directory pointing out of the repository
+    (repo / "mnist" / "5").mkdir()
+    (repo / "mnist" / "5" / "model.onnx").symlink_to(outside / "model" / "1" / "model.onnx")
+    running = start_server(repo)
+    with running.channel() as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert [m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True)).models] == [
+            "mnist"
+        ]
+        assert stub.ModelInfer(infer_request()).model_version == "1"  # version 5 (symlink out) refused
+        for name, code in [("evil", grpc.StatusCode.NOT_FOUND), ("..", grpc.StatusCode.INVALID_ARGUMENT)]:
+            request = infer_request()
+            request.model_name = name
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ModelInfer(request)
+            assert error.value.code() == code
+        with pytest.raises(grpc.RpcError) as error:
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="evil"))
+        assert (
+            error.value.code() == grpc.StatusCode.INTERNAL
+            and "outside the repository" in error.value.details()
+        )
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_zero(repo: Path, tmp_path: Path) -> None:
+    log_path = tmp_path / "server.log"
+    command = [str(Path(sys.executable).with_name("mnist-serve")), "--repo", str(repo), "--host", "127.0.0.1"]
+    command += ["--port", "0", "--metrics-port", "-1", "--max-queue-delay-us", "1000000", "--grace", "10"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: "event=model_ready" in log_path.read_text(), 60)
+        port = re.search(r"address=127\.0\.0\.1:(\d+)", log_path.read_text()).group(1)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, ThreadPoolExecutor(8) as pool:
+            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
+            in_flight = [pool.submit(stub.ModelInfer, infer_request(), timeout=30) for _ in range(8)]
+            time.sleep(0.3)  # all 8 are queued: the batch waits up to 1 s for more requests
+            assert not any(f.done() for f in in_flight)
+            process.send_signal(signal.SIGTERM)
+            assert all(f.result().model_version == "1" for f in in_flight)
+            with pytest.raises(grpc.RpcError):
+                stub.ModelInfer(infer_request(), timeout=5)  # no longer accepting
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = log_path.read_text()
+    assert "event=stopping" in log and "event=stopped" in log and "Traceback" not in log

@@ -1,0 +1,182 @@
+"""ONNX export (uint8 in, normalisation and softmax inside the graph), the parity check, and the atomic writer of
+a Triton-layout model repository: <repo>/<name>/config.pbtxt and <repo>/<name>/<version>/model.onnx."""
+
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from training.train import MEAN, STD
+
+OPSET = 18
+LABELS = ",".join(str(d) for d in range(10))
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+PARITY_TOL = 1e-5
+
+
+class ExportError(Exception):
+    """A one-line message naming the problem and the fix."""
+
+
+class Servable(nn.Module):
+    """What the server runs: raw uint8 pixels in, class probabilities out."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() / 255.0 - MEAN) / STD
+        return torch.softmax(self.net(x), dim=1)
+
+
+def to_onnx(net: nn.Module, metadata: dict[str, str]) -> bytes:
+    """Export with the dynamo exporter (the TorchScript one is deprecated in torch 2.x), batch dimension dynamic."""
+    servable = Servable(net).cpu().eval()
+    example = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's chatter is not the user's concern
+        program = torch.onnx.export(
+            servable,
+            (example,),
+            input_names=["images"],
+            output_names=["probabilities"],
+            opset_version=OPSET,
+            dynamo=True,
+            dynamic_shapes={"images": {0: batch}},
+            external_data=False,
+            verbose=False,
+        )
+    model = program.model_proto
+    # The dynamo exporter names the symbolic dimension after the Dim; make it the conventional "N".
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    for key, value in {"labels": LABELS, "variant": "fp32", **metadata}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model, full_check=True)
+    return model.SerializeToString()
+
+
+def check_parity(model_bytes: bytes, images: np.ndarray, expected: np.ndarray, batch: int = 1000) -> float:
+    """ONNX Runtime CPU on `images` (uint8 [N,28,28]) vs PyTorch's probabilities `expected` [N,10] (computed from
+    the same pixels by the training code's own normalisation, so the graph's uint8 path is checked too).
+    Raises ExportError unless they agree within PARITY_TOL with identical argmax; returns the max abs diff."""
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    worst, mismatched = 0.0, 0
+    for i in range(0, len(images), batch):
+        (got,) = session.run(["probabilities"], {"images": images[i : i + batch, None]})
+        want = expected[i : i + batch]
+        worst = max(worst, float(np.abs(got - want).max()))
+        mismatched += int((got.argmax(1) != want.argmax(1)).sum())
+    if worst > PARITY_TOL or mismatched:
+        raise ExportError(
+            f"ONNX Runtime disagrees with PyTorch (max abs diff {worst:.2e}, tolerance {PARITY_TOL:.0e}; "
+            f"{mismatched} argmax mismatches); nothing was written — report this with the command line"
+        )
+    return worst
+
+
+def config_pbtxt(name: str, max_batch_size: int = 256, max_queue_delay_us: int = 0) -> str:
+    return f"""name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {max_batch_size}
+input [
+  {{
+    name: "images"
+    data_type: TYPE_UINT8
+    dims: [ 1, 28, 28 ]
+  }}
+]
+output [
+  {{
+    name: "probabilities"
+    data_type: TYPE_FP32
+    dims: [ 10 ]
+  }}
+]
+dynamic_batching {{
+  max_queue_delay_microseconds: {max_queue_delay_us}
+}}
+"""
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.fullmatch(name):
+        raise ExportError(f"model name {name!r} is not allowed; use letters, digits, '_', '.', '-' (not leading)")
+
+
+def check_writable(repo: Path) -> None:
+    """Fail before training, not after, when the repository cannot be created or written."""
+    path = repo
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        raise ExportError(f"cannot create repository {repo}: {path} is a file, not a directory; pick another --repo")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write to {path} (permission denied); pick a writable --repo")
+
+
+def versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def write_version(repo: Path, name: str, model_bytes: bytes, write_extras: Callable[[Path], None]) -> Path:
+    """Write model.onnx plus whatever write_extras puts beside it into a temp dir inside <repo>/<name>, then rename
+    it to the next version number. On any failure the repository is left exactly as it was."""
+    check_name(name)
+    model_dir = repo / name
+    topmost_new = next((p for p in (*reversed(model_dir.parents), model_dir) if not p.exists()), None)
+    config = model_dir / "config.pbtxt"
+    had_config = config.exists()
+    tmp = None
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        # A dot-dir: Triton and our scanner only look at positive-integer version dirs.
+        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
+        (tmp / "model.onnx").write_bytes(model_bytes)
+        write_extras(tmp)
+        if not had_config:
+            _write_atomic(config, config_pbtxt(name))
+        for _ in range(100):  # another exporter may take the same number first: rename fails, try the next
+            version = model_dir / str(max(versions(model_dir), default=0) + 1)
+            try:
+                os.rename(tmp, version)  # atomic: the version dir appears complete or not at all
+                return version
+            except OSError:
+                if not version.exists():
+                    raise
+        raise ExportError(f"could not allocate a version number in {model_dir}; retry")
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not had_config:
+            config.unlink(missing_ok=True)
+        if topmost_new is not None:
+            shutil.rmtree(topmost_new, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ExportError(f"cannot write to repository {repo} ({e.strerror}); pick a writable --repo") from None
+        raise
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

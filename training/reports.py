@@ -1,0 +1,96 @@
+"""metrics.json and the PNGs written next to each exported model."""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def confusion_matrix(labels: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """[true, predicted] counts."""
+    return np.bincount(labels * 10 + pred, minlength=100).reshape(10, 10)
+
+
+def write_metrics(out: Path, metrics: dict) -> None:
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def plot_curves(out: Path, history: dict) -> None:
+    epochs = range(1, len(history["train_loss"]) + 1)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "val"):
+        ax_loss.plot(epochs, history[f"{split}_loss"], marker="o", label=split)
+        ax_acc.plot(epochs, history[f"{split}_acc"], marker="o", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(out: Path, cm: np.ndarray) -> None:
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(np.log1p(cm), cmap="Blues")  # log: the diagonal would wash out every error
+    for t in range(10):
+        for p in range(10):
+            if cm[t, p]:
+                ax.text(p, t, str(cm[t, p]), ha="center", va="center", fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", xticks=range(10), yticks=range(10), title="test confusion matrix")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_misclassified(out: Path, images: np.ndarray, labels: np.ndarray, pred: np.ndarray, n: int = 36) -> None:
+    wrong = np.flatnonzero(pred != labels)[:n]
+    cols = 6
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.7), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong, strict=False):
+        ax.imshow(images[i], cmap="gray_r")
+        ax.set_title(f"pred {pred[i]} / true {labels[i]}", fontsize=8)
+    fig.suptitle(f"misclassified test digits ({int((pred != labels).sum())} in all)")
+    fig.tight_layout()
+    fig.savefig(out / "misclassified.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_filters(out: Path, net: nn.Module) -> None:
+    conv = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:  # the MLP has no filters; plot its first layer's weights as 28x28 templates instead
+        first = next(m for m in net.modules() if isinstance(m, nn.Linear))
+        weights = first.weight.detach().cpu().numpy()[:32].reshape(-1, 28, 28)
+        title = "first layer weights (first 32 units)"
+    else:
+        weights = conv.weight.detach().cpu().numpy()[:, 0]
+        title = f"first conv filters ({conv.kernel_size[0]}x{conv.kernel_size[1]})"
+    cols = 8
+    rows = -(-len(weights) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols, rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, w in zip(axes.flat, weights, strict=False):
+        ax.imshow(w, cmap="bwr", vmin=-np.abs(w).max(), vmax=np.abs(w).max())
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out / "filters.png", dpi=100)
+    plt.close(fig)
+
+
+def write_reports(out: Path, metrics: dict, net: nn.Module, test_images: np.ndarray, test_labels: np.ndarray,
+                  test_pred: np.ndarray) -> None:  # fmt: skip
+    write_metrics(out, metrics)
+    plot_curves(out, metrics["history"])
+    plot_confusion(out, np.asarray(metrics["confusion_matrix"]))
+    plot_misclassified(out, test_images, test_labels, test_pred)
+    plot_filters(out, net)

@@ -1,0 +1,298 @@
+"""TrainConfig and the training loop. The whole dataset lives in memory as tensors: a DataLoader would be most of
+the time of a fast MNIST run."""
+
+import copy
+import io
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from training import models
+from training.data import MNIST
+
+MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel statistics; the exported graph applies the same
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "cnn2"
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | adamw | sgd
+    amsgrad: bool = False
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    schedule: str = "none"  # none | plateau | onecycle
+    early_stopping: int = 0  # patience in epochs on validation loss; 0 = off
+    val_size: int = 5000
+    augment: bool = False
+    hflip: bool = False
+    label_smoothing: float = 0.0
+    class_weights: bool = False
+    clip_grad: float = 0.0  # max gradient norm; 0 = off
+    amp: bool = True  # CUDA only
+    batchnorm: bool | None = None  # None: the architecture's default
+    dropout: float | None = None
+    device: str = "auto"
+    seed: int = 0
+    train_limit: int | None = None
+    init_from: str | None = None
+    freeze: str | None = None  # "features"
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class History:
+    train_loss: list[float] = field(default_factory=list)
+    train_acc: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    val_acc: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    return torch.device(name)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N,28,28] -> float [N,1,28,28] in [0,1]; normalisation comes after augmentation (background stays 0)."""
+    return torch.from_numpy(images).unsqueeze(1).float().div_(255)
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    return (x - MEAN) / STD
+
+
+def augment(x: torch.Tensor, hflip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random rotation +-10 deg, scale 0.9-1.1, translation +-2 px, as one affine warp on the batch."""
+    n = x.shape[0]
+    rand = torch.rand(n, 5, generator=generator, device=x.device) * 2 - 1  # uniform in [-1, 1]
+    angle, scale = rand[:, 0] * math.radians(10), 1 + rand[:, 1] * 0.1
+    tx, ty = rand[:, 2] * 2 / 14, rand[:, 3] * 2 / 14  # grid units: 14 px is 1.0
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    flip = torch.where(rand[:, 4] > 0, -1.0, 1.0) if hflip else torch.ones_like(cos)
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+def split(mnist: MNIST, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded train/validation split of the (possibly limited) training set."""
+    images, labels = mnist.train_images, mnist.train_labels
+    if cfg.train_limit is not None:
+        images, labels = images[: cfg.train_limit], labels[: cfg.train_limit]
+    val_size = min(cfg.val_size, len(images) // 10) if cfg.train_limit is not None else cfg.val_size
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
+    x, y = to_tensor(images)[order], torch.from_numpy(labels)[order]
+    return x[val_size:], y[val_size:], x[:val_size], y[:val_size]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose adam, adamw or sgd")
+
+
+def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=3, min_lr=1e-6)
+    if cfg.schedule == "none":
+        return None
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose none, plateau or onecycle")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int = 1000):
+    """(mean loss, accuracy, probabilities) over in-memory tensors in eval mode."""
+    model.eval()
+    losses, probs = [], []
+    for i in range(0, len(x), batch):
+        logits = model(normalise(x[i : i + batch].to(device))).float()
+        losses.append(F.cross_entropy(logits, y[i : i + batch].to(device), reduction="sum").item())
+        probs.append(torch.softmax(logits, 1).cpu())
+    prob = torch.cat(probs) if probs else torch.empty(0, 10)
+    n = max(len(x), 1)
+    return sum(losses) / n, (prob.argmax(1) == y).float().sum().item() / n, prob
+
+
+def freeze(model: models.Net, part: str | None) -> None:
+    if part is None:
+        return
+    if part != "features":
+        raise ValueError(f"--freeze {part!r}: only 'features' can be frozen")
+    for p in model.features.parameters():
+        p.requires_grad_(False)
+
+
+@dataclass
+class Result:
+    model: models.Net
+    history: History
+    test_accuracy: float
+    test_probs: np.ndarray  # float32 [10000, 10]: the reference the ONNX export must reproduce
+    wall_time: float
+    epochs_run: int
+    checkpoint: dict
+
+
+def train(
+    cfg: TrainConfig, mnist: MNIST, resume: dict | None = None, checkpoint_path: Path | None = None, log=print
+) -> Result:
+    """Train on the split training set, early-stop on validation loss, evaluate on the test set."""
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model = models.build(cfg.arch, cfg.batchnorm, cfg.dropout).to(device)
+    if cfg.init_from is not None:
+        model.load_state_dict(torch.load(cfg.init_from, map_location=device, weights_only=True)["model"])
+    freeze(model, cfg.freeze)
+    log(models.format_table(model))
+
+    x_train, y_train, x_val, y_val = split(mnist, cfg)
+    x_train, y_train = x_train.to(device), y_train.to(device)
+    steps = math.ceil(len(x_train) / cfg.batch_size)
+    opt = make_optimizer(model, cfg)
+    schedule = make_schedule(opt, cfg, steps)
+    weight = None
+    if cfg.class_weights:  # inverse class frequency, mean 1
+        counts = torch.bincount(y_train, minlength=10).float().clamp(min=1)
+        weight = counts.sum() / (10 * counts)
+    amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    history, first_epoch = History(), 0
+    best = (math.inf, None)  # (val loss, state) for early stopping
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        if schedule is not None and resume.get("schedule"):
+            schedule.load_state_dict(resume["schedule"])
+        history, first_epoch = History(**resume["history"]), resume["epoch"]
+        gen.set_state(resume["generator"].to(gen.get_state().device))
+
+    epoch, checkpoint = first_epoch, resume
+    for epoch in range(first_epoch + 1, cfg.epochs + 1):
+        model.train()
+        if cfg.freeze == "features":
+            model.features.eval()  # frozen BN keeps its running statistics
+        order = torch.randperm(len(x_train), generator=gen, device=device)
+        seen = correct = 0
+        total_loss = torch.zeros((), device=device)
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None)
+        for step in bar:
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            xb, yb = x_train[idx], y_train[idx]
+            if cfg.augment:
+                xb = augment(xb, cfg.hflip, gen)
+            with torch.autocast(device.type, enabled=amp):
+                logits = model(normalise(xb))
+                loss = F.cross_entropy(logits.float(), yb, weight=weight, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad > 0:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            if isinstance(schedule, torch.optim.lr_scheduler.OneCycleLR):
+                schedule.step()
+            total_loss += loss.detach() * len(yb)
+            correct += (logits.argmax(1) == yb).sum().item()
+            seen += len(yb)
+            if step % 50 == 0 or step == steps - 1:  # .item() syncs; don't do it every step
+                bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", acc=f"{correct / seen:.4f}")
+        val_loss, val_acc, _ = evaluate(model, x_val, y_val, device)
+        if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            schedule.step(val_loss)
+        history.train_loss.append(total_loss.item() / seen)
+        history.train_acc.append(correct / seen)
+        history.val_loss.append(val_loss)
+        history.val_acc.append(val_acc)
+        history.lr.append(opt.param_groups[0]["lr"])
+        log(
+            f"epoch {epoch}/{cfg.epochs}: train loss {history.train_loss[-1]:.4f} acc {correct / seen:.4f}"
+            f"  val loss {val_loss:.4f} acc {val_acc:.4f}  ({time.perf_counter() - start:.0f}s)"
+        )
+        checkpoint = {
+            "config": asdict(cfg),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "schedule": schedule.state_dict() if schedule is not None else None,
+            "history": asdict(history),
+            "epoch": epoch,
+            "generator": gen.get_state(),
+        }
+        if checkpoint_path is not None:
+            save_atomic(checkpoint, checkpoint_path)
+        if cfg.early_stopping:
+            if val_loss < best[0]:
+                best = (val_loss, copy.deepcopy(model.state_dict()))
+            elif epoch - 1 - int(np.argmin(history.val_loss)) >= cfg.early_stopping:
+                log(f"early stopping: no validation-loss improvement for {cfg.early_stopping} epochs")
+                break
+
+    if best[1] is not None:
+        model.load_state_dict(best[1])  # the weights early stopping chose
+    x_test, y_test = to_tensor(mnist.test_images), torch.from_numpy(mnist.test_labels)
+    _, test_acc, test_probs = evaluate(model, x_test, y_test, device)
+    model.cpu().eval()
+    checkpoint = {**checkpoint, "model": model.state_dict()}  # the returned (maybe early-stopped) weights
+    return Result(model, history, test_acc, test_probs.numpy(), time.perf_counter() - start, epoch, checkpoint)
+
+
+def save_atomic(checkpoint: dict, path: Path) -> None:
+    """Write then rename, so an interrupted run never leaves a truncated checkpoint to resume from."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(path)
+
+
+def checkpoint_bytes(checkpoint: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(checkpoint, buf)
+    return buf.getvalue()
+
+
+def overfit_batch(cfg: TrainConfig, mnist: MNIST, n: int, max_steps: int = 500, log=print) -> float:
+    """Sanity mode: fit the first n training images; a healthy model/loop reaches ~100% train accuracy."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model = models.build(cfg.arch, cfg.batchnorm, cfg.dropout).to(device)
+    x, y = to_tensor(mnist.train_images[:n]).to(device), torch.from_numpy(mnist.train_labels[:n]).to(device)
+    opt = make_optimizer(model, cfg)
+    acc = 0.0
+    for step in range(1, max_steps + 1):
+        model.train()
+        loss = F.cross_entropy(model(normalise(x)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0:
+            _, acc, _ = evaluate(model, x, y, device)
+            log(f"step {step}: loss {loss.item():.4f}, train accuracy {acc:.4f}")
+            if acc == 1.0:
+                break
+    return acc
