@@ -74,9 +74,7 @@ def cmd_variants(args: argparse.Namespace) -> None:
         accuracy = (probs.argmax(1) == mnist.test_labels).mean()
         print(f"{path}  variant={session.variant}  test accuracy {100 * accuracy:.2f}%")
         for batch in (1, 64, 256):
-            print(
-                f"  batch {batch:3d}: {measure(session, mnist.test_images[:batch, None], 1, args)} images/s"
-            )
+            print(f"  batch {batch:3d}: {measure(session, mnist.test_images[:batch, None], 1, args)}")
 
 
 def cmd_threads(args: argparse.Namespace) -> None:

@@ -95,6 +95,7 @@ class Batcher:
                 waiting = None
                 self._pending.extend(chunks)
                 self._pending_images += n
+                self._metrics.queue_depth.inc(n)
                 self._ready.notify()
         if waiting is not None:
             if closing:
@@ -105,7 +106,6 @@ class Batcher:
                 f"model {self.name}: queue full ({waiting} images waiting, limit {self.max_queue_images}); "
                 "retry later",
             )
-        self._metrics.queue_depth.inc(n)
         if len(chunks) == 1:
             return await chunks[0].future
         parts = await asyncio.gather(*(c.future for c in chunks))

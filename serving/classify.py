@@ -10,7 +10,7 @@ import numpy as np
 
 from serving.errors import RequestError
 from serving.images import MNIST_PIXELS, ImageError, decode_image
-from serving.kserve import deadline_of
+from serving.kserve import deadline_of, pipelined
 from serving.metrics import Metrics
 from serving.proto.mnist.v1 import classify_pb2 as pb
 from serving.proto.mnist.v1 import classify_pb2_grpc
@@ -88,20 +88,26 @@ class ClassifierServicer(classify_pb2_grpc.ClassifierServicer):
     async def ClassifyStream(
         self, requests: AsyncIterator[pb.ClassifyRequest], context
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
-        # In order, one response per request; a bad request gets `error` and the stream goes on.
-        async for request in requests:
+        deadline = deadline_of(context)
+
+        async def answer(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
+            # A bad request gets `error` and the stream goes on.
             start = time.perf_counter()
             self.metrics.inflight.inc()
             try:
-                response = await self._classify(request, deadline_of(context))
-                self._count(request.model, "OK", start)
-                yield pb.ClassifyStreamResponse(response=response, id=request.id)
+                response = await self._classify(request, deadline)
             except RequestError as e:
                 self._count(request.model, e.code.name, start)
-                error = pb.Error(code=e.code.value[0], message=e.message)
-                yield pb.ClassifyStreamResponse(error=error, id=request.id)
+                return pb.ClassifyStreamResponse(
+                    error=pb.Error(code=e.code.value[0], message=e.message), id=request.id
+                )
             finally:
                 self.metrics.inflight.dec()
+            self._count(request.model, "OK", start)
+            return pb.ClassifyStreamResponse(response=response, id=request.id)
+
+        async for response in pipelined(requests, answer):
+            yield response
 
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
         loaded = self.repository.get(request.model, request.version)

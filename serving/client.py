@@ -28,6 +28,15 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 ImageLike = str | Path | bytes | np.ndarray | Image.Image
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults in --help, except for unset options and flags (`(default: None)` says nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, "") or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 @dataclass(frozen=True)
 class Prediction:
     label: int
@@ -176,12 +185,12 @@ def main(argv: list[str] | None = None) -> None:
         prog="mnist-predict",
         description="Classify image files (PNG, JPEG, BMP, ...) with an mnist-serve server. "
         "One row per file: path, digit, confidence, top-k.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR", help="image files or directories")
     p.add_argument("--server", default="localhost:8001", help="HOST:PORT of mnist-serve")
     p.add_argument("--model", default="mnist", help="model name in the server's repository")
-    p.add_argument("--version", default="", help="model version (empty = newest)")
+    p.add_argument("--version", default="", help="model version (default: the newest)")
     p.add_argument("--top-k", type=int, default=3, help="alternatives listed per image (1-10)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole run")

@@ -5,9 +5,11 @@ pixel values, rounded to uint8), as raw_input_contents (fast path: one np.frombu
 contents; it answers `probabilities` FP32 [N,10] as raw_output_contents, like Triton.
 """
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import version as package_version
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -24,11 +26,42 @@ EXTENSIONS = ["model_repository", "model_configuration"]
 INPUT_SHAPE_HINT = "[N, 1, 28, 28]"
 BYTES_PER_IMAGE = {"UINT8": MNIST_PIXELS, "FP32": 4 * MNIST_PIXELS}
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+Request = TypeVar("Request")
+Response = TypeVar("Response")
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+async def pipelined(
+    requests: AsyncIterator[Request], answer: Callable[[Request], Awaitable[Response]], depth: int = 64
+) -> AsyncIterator[Response]:
+    """Answer a stream's requests concurrently, so a client pipelining on one stream gets batched,
+    but yield the responses in request order. At most `depth` requests of one stream are in flight
+    (then the stream stops being read: flow control pushes back on the client). `answer` must not raise.
+    """
+    started: asyncio.Queue = asyncio.Queue(depth)
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                await started.put(asyncio.ensure_future(answer(request)))
+        finally:
+            await started.put(None)
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while (task := await started.get()) is not None:
+            yield await task
+        await reader  # re-raises if the request stream broke
+    finally:
+        reader.cancel()
+        while not started.empty():
+            task = started.get_nowait()
+            if task is not None:
+                task.cancel()
 
 
 def decode_tensor(request: pb.ModelInferRequest, max_images: int) -> np.ndarray:
@@ -92,6 +125,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics
         self.max_images = max_images
         self.extensions = [*EXTENSIONS, f"onnxruntime_provider:{provider}"]
+        self.version = package_version("mnist-serving")
         self.live = True
 
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
@@ -108,9 +142,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=package_version("mnist-serving"), extensions=self.extensions
-        )
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=self.extensions)
 
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
         loaded = await self._get(request.name, request.version, context)
@@ -145,22 +177,27 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        # Requests are answered in order; a bad one gets error_message and the stream goes on.
-        async for request in requests:
+        deadline = deadline_of(context)
+
+        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            # A bad request gets error_message and the stream goes on.
             start = time.perf_counter()
             self.metrics.inflight.inc()
             try:
-                response = await self._infer(request, deadline_of(context))
-                self._count(request.model_name, "OK", start)
-                yield pb.ModelStreamInferResponse(infer_response=response)
+                response = await self._infer(request, deadline)
             except RequestError as e:
                 self._count(request.model_name, e.code.name, start)
-                yield pb.ModelStreamInferResponse(
+                return pb.ModelStreamInferResponse(
                     error_message=f"{e.code.name}: {e.message}",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name[:128], id=request.id),
                 )
             finally:
                 self.metrics.inflight.dec()
+            self._count(request.model_name, "OK", start)
+            return pb.ModelStreamInferResponse(infer_response=response)
+
+        async for response in pipelined(requests, answer):
+            yield response
 
     async def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse()

@@ -3,7 +3,8 @@
     <repo>/<name>/config.pbtxt           text protobuf ModelConfig (unknown fields tolerated)
     <repo>/<name>/<version>/model.onnx   version = positive integer; the newest one is the default
 
-Every version found is loaded; versions are immutable once written (the exporter writes a new one).
+Every version found is loaded (or those config.pbtxt's version_policy selects); versions are immutable
+once written (the exporter writes a new one) and config.pbtxt is read when a version loads.
 load() / poll() load versions that appeared (load + warm before they become visible, so the swap is one
 dict assignment and in-flight requests keep the batcher they started on) and retire versions that
 disappeared. A version that fails to load is logged once, remembered, and does not replace anything.
@@ -25,7 +26,7 @@ from serving.batcher import Batcher
 from serving.errors import RequestError
 from serving.metrics import Metrics
 from serving.proto.inference import model_config_pb2
-from serving.runtime import ModelLoadError, ModelSession, RuntimeOptions
+from serving.runtime import DeviceError, ModelLoadError, ModelSession, RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,16 @@ def find_versions(model_dir: Path) -> dict[int, Path]:
         if VERSION.fullmatch(entry.name) and (entry / MODEL_FILE).is_file():
             versions[int(entry.name)] = entry / MODEL_FILE
     return versions
+
+
+def select_versions(policy: model_config_pb2.ModelVersionPolicy, versions: set[int]) -> set[int]:
+    """The versions config.pbtxt's version_policy asks to serve; unset or `all`: every one."""
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "latest":
+        return set(sorted(versions)[-max(policy.latest.num_versions, 1) :])
+    if choice == "specific":
+        return versions & set(policy.specific.versions)
+    return set(versions)
 
 
 class ModelRepository:
@@ -217,22 +228,22 @@ class ModelRepository:
             return
         self.failed.pop(config_path, None)
         model = self.models.setdefault(name, LoadedModel())
-        for version in sorted(set(on_disk) - set(model.versions)):
-            path = on_disk[version]
-            if path in self.failed:
-                continue
-            loaded = await self._load_version(name, version, path, config)
-            if loaded is not None:
-                model.versions = {**model.versions, version: loaded}  # one assignment: readers see old or new
-                log.info(
-                    "event=model_ready model=%s version=%d provider=%s",
-                    name,
-                    version,
-                    loaded.session.provider,
-                )
-        gone = set(model.versions) - set(on_disk)
-        if gone:
-            await self._retire(name, sorted(gone))
+        while True:  # a version that fails to load leaves the candidates, so the policy picks the next one
+            loadable = {v for v, path in on_disk.items() if path not in self.failed}
+            wanted = select_versions(config.version_policy, loadable)
+            missing = sorted(wanted - set(model.versions))
+            if not missing:
+                break
+            for version in missing:
+                loaded = await self._load_version(name, version, on_disk[version], config)
+                if loaded is not None:
+                    # One assignment: a concurrent reader sees the old dict or the new one.
+                    model.versions = {**model.versions, version: loaded}
+                    provider = loaded.session.provider
+                    log.info("event=model_ready model=%s version=%d provider=%s", name, version, provider)
+        unwanted = set(model.versions) - wanted
+        if unwanted:
+            await self._retire(name, sorted(unwanted))
 
     async def _load_version(
         self, name: str, version: int, path: Path, config: model_config_pb2.ModelConfig
@@ -246,7 +257,7 @@ class ModelRepository:
             real_path = inside(self.root, path)
             # Loading and warm-up take tens of ms to seconds: off the event loop, which keeps serving.
             session = await asyncio.to_thread(self._open, real_path, max_batch)
-        except (RepositoryError, ModelLoadError, OSError) as e:
+        except (RepositoryError, ModelLoadError, DeviceError, OSError) as e:
             self._refuse(path, str(e))
             return None
         batcher = Batcher(

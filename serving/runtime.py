@@ -231,10 +231,16 @@ class ModelSession:
                 raise ModelLoadError(
                     f"{self.path}: CUDA graphs need a named batch dimension on {INPUT_NAME!r}"
                 )
-            self._buckets = [
-                _CudaGraphBucket(self.path, options, batch_dim, size)
-                for size in options.cuda_graph_batch_sizes
-            ]
+            try:
+                self._buckets = [
+                    _CudaGraphBucket(self.path, options, batch_dim, size)
+                    for size in options.cuda_graph_batch_sizes
+                ]
+            except Exception as e:  # e.g. a node ORT cannot place on the GPU: capture is refused
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ModelLoadError(
+                    f"{self.path}: CUDA graphs unavailable for this model ({first_line}); serve without them"
+                ) from e
         elif options.cuda_graph_batch_sizes:
             log.info("cuda_graph_batch_sizes ignored: %s runs on %s", self.path, self.provider)
 

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving.classify import ClassifierServicer, Limits
+from serving.client import HelpFormatter
 from serving.kserve import KServeServicer
 from serving.metrics import Metrics
 from serving.proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
@@ -112,7 +113,12 @@ class Server:
         await self._set_health(False)
         await self._grpc.start()
         if c.metrics_port is not None:
-            self._metrics_http = self.metrics.serve_http(c.metrics_host, c.metrics_port)
+            try:
+                self._metrics_http = self.metrics.serve_http(c.metrics_host, c.metrics_port)
+            except OSError as e:
+                raise OSError(
+                    f"cannot serve metrics on {c.metrics_host}:{c.metrics_port}: {e.strerror}"
+                ) from e
             self.metrics_port = self._metrics_http.server_port
         tls = "mtls" if c.tls_client_ca else "tls" if c.tls_cert else "off"
         log.info(
@@ -170,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p = argparse.ArgumentParser(
         prog="mnist-serve",
         description="Serve the ONNX models of a Triton-layout repository over gRPC (KServe v2 + mnist.v1).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--repo", type=Path, default=Path("models"), help="model repository directory")
     p.add_argument("--host", default="0.0.0.0", help="gRPC listen address")
@@ -195,15 +201,22 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024, help="gRPC message size limit")
     p.add_argument(
-        "--poll", type=float, metavar="SECONDS", help="rescan the repository this often (hot reload)"
+        "--poll",
+        type=float,
+        metavar="SECONDS",
+        help="rescan the repository this often for new versions (default: only at start)",
     )
     p.add_argument(
         "--grace", type=float, default=10.0, help="seconds to finish in-flight requests on shutdown"
     )
-    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (default: plaintext)")
     p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     p.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates it signed (mTLS)")
-    p.add_argument("--auth-token-file", type=Path, help="require 'authorization: Bearer <token in file>'")
+    p.add_argument(
+        "--auth-token-file",
+        type=Path,
+        help="require 'authorization: Bearer <token in file>' (default: no auth)",
+    )
     p.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level"
     )

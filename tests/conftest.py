@@ -41,7 +41,8 @@ def trained_repo(request: pytest.FixtureRequest) -> Path:
     """A model repository with one trained version of `mnist` (read-only: copy it to modify it)."""
     cached = Path(request.config.cache.mkdir(f"mnist-repo-{_training_key()}"))
     if not (cached / "mnist" / "1" / "model.onnx").is_file():
-        shutil.rmtree(cached)
+        for stale in cached.parent.glob("mnist-repo-*"):
+            shutil.rmtree(stale)
         staging = cached.with_name(cached.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         command = [str(Path(sys.executable).with_name("mnist-train")), *TRAIN_ARGS, "--repo", str(staging)]
@@ -80,7 +81,7 @@ class RunningServer:
 
     @staticmethod
     async def _create(config: ServerConfig) -> Server:
-        return Server(config)
+        return Server(config)  # on the server's own loop: grpc.aio objects belong to the loop they start on
 
     def run(self, coroutine, timeout: float = 60.0):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
@@ -128,7 +129,7 @@ def start_server() -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def server(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def server(trained_repo: Path) -> Iterator[RunningServer]:
     """The shared server for read-only tests: the trained repository, default settings."""
     running = RunningServer(local_config(trained_repo))
     yield running

@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
@@ -140,3 +141,9 @@ def test_tritonclient_interop(server, digits, expected, tmp_path: Path) -> None:
     assert seen["version"] == "1"
     np.testing.assert_array_equal(np.array(seen["probabilities"], np.float32), expected[:4])
     assert seen["missing_model_status"] == "StatusCode.NOT_FOUND"
+
+
+def test_reflection_lists_both_apis(server) -> None:
+    with server.channel() as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"inference.GRPCInferenceService", "mnist.v1.Classifier", "grpc.health.v1.Health"} <= services

@@ -1,6 +1,7 @@
 """Health transitions, hot reload of a new version, refusal of corrupt models and escaping names,
 graceful shutdown of a real mnist-serve process with requests in flight."""
 
+import asyncio
 import logging
 import os
 import re
@@ -12,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.request import urlopen
 
 import grpc
 import numpy as np
@@ -71,13 +73,17 @@ def test_health_follows_model_availability(start_server, repo: Path, tmp_path: P
         assert status() == SERVING
         watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
         assert next(watch).status == SERVING
-        running.run(running.server.stop())
+        stopping = asyncio.run_coroutine_threadsafe(running.server.stop(), running.loop)
         assert next(watch).status == NOT_SERVING  # announced before the port closes
-        watch.cancel()
+        watch.cancel()  # an open Watch is an in-flight RPC: shutdown would wait for it up to the grace period
+        stopping.result(10)
 
 
-def test_hot_reload_swaps_versions_without_failing_requests(start_server, repo: Path, caplog) -> None:
+@pytest.mark.parametrize("policy", ["", "version_policy { latest { num_versions: 1 } }"])
+def test_hot_reload_swaps_versions_without_failing_requests(start_server, repo: Path, caplog, policy) -> None:
     caplog.set_level(logging.INFO)
+    config = repo / "mnist" / "config.pbtxt"
+    config.write_text(config.read_text() + policy)
     running = start_server(repo, poll_seconds=0.1)
     stop, errors, versions = threading.Event(), [], set()
 
@@ -98,7 +104,10 @@ def test_hot_reload_swaps_versions_without_failing_requests(start_server, repo: 
             assert stub.ModelInfer(infer_request()).model_version == "1"
             add_version(repo, 2, (repo / "mnist" / "1" / "model.onnx").read_bytes())
             wait_for(lambda: stub.ModelInfer(infer_request()).model_version == "2")
-            assert stub.ModelInfer(infer_request("1")).model_version == "1"  # older versions stay addressable
+            if policy:  # latest 1: version 1 retired once version 2 serves
+                wait_for(lambda: not stub.ModelReady(pb.ModelReadyRequest(name="mnist", version="1")).ready)
+            else:  # every version on disk stays addressable
+                assert stub.ModelInfer(infer_request("1")).model_version == "1"
 
             add_version(repo, 3, b"\x08\x07 this is not an onnx model")
             wait_for(lambda: any("model_refused" in r.getMessage() for r in caplog.records))
@@ -146,18 +155,20 @@ def test_names_and_symlinks_escaping_the_repository_are_refused(
 def test_sigterm_finishes_in_flight_requests_and_exits_zero(repo: Path, tmp_path: Path) -> None:
     log_path = tmp_path / "server.log"
     command = [str(Path(sys.executable).with_name("mnist-serve")), "--repo", str(repo), "--host", "127.0.0.1"]
-    command += ["--port", "0", "--metrics-port", "-1", "--max-queue-delay-us", "1000000", "--grace", "10"]
+    command += ["--port", "0", "--metrics-port", "0", "--max-queue-delay-us", "2000000", "--grace", "10"]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         wait_for(lambda: "event=model_ready" in log_path.read_text(), 60)
         port = re.search(r"address=127\.0\.0\.1:(\d+)", log_path.read_text()).group(1)
+        metrics_port = re.search(r"metrics=127\.0\.0\.1:(\d+)", log_path.read_text()).group(1)
+        queued = 'mnist_queue_depth{model="mnist"} 8.0'
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, ThreadPoolExecutor(8) as pool:
             stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
             stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
             in_flight = [pool.submit(stub.ModelInfer, infer_request(), timeout=30) for _ in range(8)]
-            time.sleep(0.3)  # all 8 are queued: the batch waits up to 1 s for more requests
-            assert not any(f.done() for f in in_flight)
+            # The batch waits up to 2 s for more requests: all 8 are queued, none answered yet.
+            wait_for(lambda: queued in urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode())
             process.send_signal(signal.SIGTERM)
             assert all(f.result().model_version == "1" for f in in_flight)
             with pytest.raises(grpc.RpcError):

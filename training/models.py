@@ -38,16 +38,20 @@ def mlp(batchnorm: bool = False, dropout: float = 0.5) -> Net:
 def cnn(batchnorm: bool = False, dropout: float = 0.25) -> Net:
     """pytorch/examples mnist `Net`."""
     features = nn.Sequential(*conv_block(1, 32, batchnorm), *conv_block(32, 64, batchnorm), nn.MaxPool2d(2))
-    classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 14 * 14, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 10))
+    classifier = nn.Sequential(
+        nn.Flatten(), nn.Linear(64 * 14 * 14, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 10)
+    )
     return Net(features, classifier)
 
 
 def cnn2(batchnorm: bool = False, dropout: float = 0.0) -> Net:
-    """The classic two-conv tutorial network, with its init: conv N(0, 0.01), fc Xavier-uniform, zero biases."""
+    """The two-conv tutorial network, with its init: conv N(0, 0.01), fc Xavier-uniform, zero biases."""
     features = nn.Sequential(
         *conv_block(1, 32, batchnorm), nn.MaxPool2d(2), *conv_block(32, 64, batchnorm), nn.MaxPool2d(2)
     )
-    classifier = nn.Sequential(nn.Flatten(), nn.Linear(7 * 7 * 64, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 10))
+    classifier = nn.Sequential(
+        nn.Flatten(), nn.Linear(7 * 7 * 64, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 10)
+    )
     net = Net(features, classifier)
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
@@ -62,9 +66,14 @@ def cnn2(batchnorm: bool = False, dropout: float = 0.0) -> Net:
 def keras(batchnorm: bool = False, dropout: float = 0.0) -> Net:
     """The Keras tutorial convnet: valid convolutions, so 28 -> 26 -> 13 -> 11 -> 5."""
     features = nn.Sequential(
-        *conv_block(1, 32, batchnorm, padding=0), nn.MaxPool2d(2), *conv_block(32, 64, batchnorm, padding=0), nn.MaxPool2d(2)
+        *conv_block(1, 32, batchnorm, padding=0),
+        nn.MaxPool2d(2),
+        *conv_block(32, 64, batchnorm, padding=0),
+        nn.MaxPool2d(2),
     )
-    classifier = nn.Sequential(nn.Flatten(), nn.Linear(5 * 5 * 64, 64), nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, 10))
+    classifier = nn.Sequential(
+        nn.Flatten(), nn.Linear(5 * 5 * 64, 64), nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, 10)
+    )
     return Net(features, classifier)
 
 
@@ -79,7 +88,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -101,17 +112,32 @@ def resnet(batchnorm: bool = True, dropout: float = 0.0) -> Net:
 def best(batchnorm: bool = True, dropout: float = 0.3) -> Net:
     """The strongest single model: a wider VGG-style CNN with BN; trained with augmentation and OneCycle."""
     features = nn.Sequential(
-        *conv_block(1, 32, True), *conv_block(32, 32, True), nn.MaxPool2d(2),
-        *conv_block(32, 64, True), *conv_block(64, 64, True), nn.MaxPool2d(2),
-    )  # fmt: skip
+        *conv_block(1, 32, True),
+        *conv_block(32, 32, True),
+        nn.MaxPool2d(2),
+        *conv_block(32, 64, True),
+        *conv_block(64, 64, True),
+        nn.MaxPool2d(2),
+    )
     classifier = nn.Sequential(
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(dropout),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 256, bias=False),
+        nn.BatchNorm1d(256),
+        nn.ReLU(),
+        nn.Dropout(dropout),
         nn.Linear(256, 10),
-    )  # fmt: skip
+    )
     return Net(features, classifier)
 
 
-ARCHS: dict[str, Callable[..., Net]] = {"mlp": mlp, "cnn": cnn, "cnn2": cnn2, "keras": keras, "resnet": resnet, "best": best}
+ARCHS: dict[str, Callable[..., Net]] = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "cnn2": cnn2,
+    "keras": keras,
+    "resnet": resnet,
+    "best": best,
+}
 
 
 def build(arch: str, batchnorm: bool | None = None, dropout: float | None = None) -> Net:
@@ -126,7 +152,7 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# --- receptive field ---------------------------------------------------------------------------------------------
+# --- receptive field ------------------------------------------------------------------------------------
 
 
 def _pair(v: int | tuple[int, int]) -> int:
@@ -157,7 +183,7 @@ class LayerRow:
 
 
 def layer_table(model: Net) -> list[LayerRow]:
-    """One row per layer (a residual block counts as one): output shape from a forward pass, receptive field."""
+    """One row per layer (a residual block counts as one): output shape, receptive field."""
     units = [(f"features.{n}", m) for n, m in model.features.named_children()]
     units += [(f"classifier.{n}", m) for n, m in model.classifier.named_children()]
     shapes: dict[str, tuple[int, ...]] = {}

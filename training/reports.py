@@ -43,13 +43,17 @@ def plot_confusion(out: Path, cm: np.ndarray) -> None:
         for p in range(10):
             if cm[t, p]:
                 ax.text(p, t, str(cm[t, p]), ha="center", va="center", fontsize=7)
-    ax.set(xlabel="predicted", ylabel="true", xticks=range(10), yticks=range(10), title="test confusion matrix")
+    ax.set(
+        xlabel="predicted", ylabel="true", xticks=range(10), yticks=range(10), title="test confusion matrix"
+    )
     fig.tight_layout()
     fig.savefig(out / "confusion.png", dpi=100)
     plt.close(fig)
 
 
-def plot_misclassified(out: Path, images: np.ndarray, labels: np.ndarray, pred: np.ndarray, n: int = 36) -> None:
+def plot_misclassified(
+    out: Path, images: np.ndarray, labels: np.ndarray, pred: np.ndarray, n: int = 36
+) -> None:
     wrong = np.flatnonzero(pred != labels)[:n]
     cols = 6
     rows = max(1, -(-len(wrong) // cols))
@@ -87,8 +91,14 @@ def plot_filters(out: Path, net: nn.Module) -> None:
     plt.close(fig)
 
 
-def write_reports(out: Path, metrics: dict, net: nn.Module, test_images: np.ndarray, test_labels: np.ndarray,
-                  test_pred: np.ndarray) -> None:  # fmt: skip
+def write_reports(
+    out: Path,
+    metrics: dict,
+    net: nn.Module,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    test_pred: np.ndarray,
+) -> None:
     write_metrics(out, metrics)
     plot_curves(out, metrics["history"])
     plot_confusion(out, np.asarray(metrics["confusion_matrix"]))

@@ -1,9 +1,9 @@
-"""TrainConfig and the training loop. The whole dataset lives in memory as tensors: a DataLoader would be most of
-the time of a fast MNIST run."""
+"""TrainConfig and the training loop. The whole dataset lives in memory as tensors: a DataLoader would be most
+of the time of a fast MNIST run."""
 
 import copy
-import io
 import hashlib
+import io
 import json
 import math
 import time
@@ -71,7 +71,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N,28,28] -> float [N,1,28,28] in [0,1]; normalisation comes after augmentation (background stays 0)."""
+    """uint8 [N,28,28] -> float [N,1,28,28] in [0,1]; normalised after augmentation: padding = background."""
     return torch.from_numpy(images).unsqueeze(1).float().div_(255)
 
 
@@ -110,13 +110,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+        )
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose adam, adamw or sgd")
 
 
 def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch
+        )
     if cfg.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=3, min_lr=1e-6)
     if cfg.schedule == "none":
@@ -260,7 +264,9 @@ def train(
     _, test_acc, test_probs = evaluate(model, x_test, y_test, device)
     model.cpu().eval()
     checkpoint = {**checkpoint, "model": model.state_dict()}  # the returned (maybe early-stopped) weights
-    return Result(model, history, test_acc, test_probs.numpy(), time.perf_counter() - start, epoch, checkpoint)
+    return Result(
+        model, history, test_acc, test_probs.numpy(), time.perf_counter() - start, epoch, checkpoint
+    )
 
 
 def save_atomic(checkpoint: dict, path: Path) -> None:

@@ -1,47 +1,54 @@
 """mnist-bench: how many images per second, at what latency, and how close to the hardware's ceiling.
 
     mnist-bench --spawn --repo models --concurrency 1,8,32,64
-    mnist-bench --server 10.0.0.5:8001,10.0.0.6:8001 --rate 500,1000 \
+    mnist-bench --server 10.0.0.5:8001,10.0.0.6:8001 --rate 500,1000 \\
         --metrics-url http://10.0.0.5:8002/metrics,http://10.0.0.6:8002/metrics
     mnist-bench --spawn --repo models --concurrency 64 \\
         --compare "batching=off:--max-batch-size 1" "batching=on:" "classify:-- --api classify"
 
 --compare "LABEL:[SERVER ARGS][ -- BENCH ARGS]" runs one configuration per argument, each against its own
 freshly spawned server started with --server-args plus SERVER ARGS; BENCH ARGS may override --model,
---model-version, --api, --stream and --images-per-request for that configuration.
+--model-version, --api, --stream, --images-per-request and --serve-command for that configuration.
 """
 
 import argparse
 import shlex
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, wait
-from dataclasses import dataclass, replace
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from serving.bench import loadgen, report
+from serving.bench import report
 from serving.bench.apis import API_NAMES, build_workload
 from serving.bench.baselines import newest_model, ort_ceiling
-from serving.bench.loadgen import Connection, Level, RunResult, RunSpec
-from serving.bench.server_metrics import Sample, ServerSplit, scrape
-from serving.bench.spawn import Spawned, SpawnError
+from serving.bench.loadgen import Connection, Level, RunSpec
+from serving.bench.runner import Probe, run_level
+from serving.bench.spawn import Spawned, SpawnError, serve_command
 
 
 @dataclass(frozen=True)
 class Config:
-    """One column of a comparison: server options (spawn only) and what the client sends."""
+    """One column of a comparison: how the server is started (spawn only) and what the client sends."""
 
     label: str
     server_args: tuple[str, ...]
+    serve_command: str
     model: str
     version: str
     api: str
     stream: bool
     images_per_request: int
+
+    @staticmethod
+    def from_args(label: str, server_args: tuple[str, ...], ns: argparse.Namespace) -> "Config":
+        return Config(
+            label, server_args, ns.serve_command, ns.model, ns.model_version, ns.api, ns.stream,
+            ns.images_per_request,
+        )  # fmt: skip
 
     @property
     def setup(self) -> dict:
@@ -51,7 +58,8 @@ class Config:
             "api": self.api,
             "stream": self.stream,
             "images_per_request": self.images_per_request,
-            "server_args": " ".join(self.server_args),
+            "server_args": shlex.join(self.server_args),
+            "serve_command": self.serve_command,
         }
 
 
@@ -68,14 +76,20 @@ def _csv(kind):
     return parse
 
 
-def _client_options(p: argparse.ArgumentParser) -> None:
-    """The options a --compare configuration may override."""
+def _config_options(p: argparse.ArgumentParser) -> None:
+    """The options a --compare configuration may override (after its '--')."""
     p.add_argument("--model", default="mnist", help="model name (default: %(default)s)")
     p.add_argument("--model-version", default="", help="model version (default: the newest)")
     p.add_argument("--api", choices=API_NAMES, default="kserve", help="API to load (default: %(default)s)")
     p.add_argument("--stream", action="store_true", help="bidirectional streaming RPC instead of unary")
     p.add_argument(
         "--images-per-request", type=int, default=1, help="images per request (default: %(default)s)"
+    )
+    p.add_argument(
+        "--serve-command",
+        default=shlex.join(serve_command()),
+        help="--spawn runs this plus --repo/--host/--port/--metrics-port and the server args, e.g. "
+        "'taskset -c 1 mnist-serve' (default: mnist-serve of this environment)",
     )
 
 
@@ -101,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare", nargs="+", metavar="LABEL:ARGS", help="configurations to run side by side"
     )
     client = p.add_argument_group("requests")
-    _client_options(client)
+    _config_options(client)
     load = p.add_argument_group("load")
     levels = load.add_mutually_exclusive_group()
     levels.add_argument(
@@ -143,13 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Config]:
     base = tuple(shlex.split(args.server_args))
-    default = Config(
-        "default", base, args.model, args.model_version, args.api, args.stream, args.images_per_request
-    )
     if not args.compare:
-        return [default]
+        return [Config.from_args("default", base, args)]
     sub = argparse.ArgumentParser(prog="--compare", add_help=False, exit_on_error=False)
-    _client_options(sub)
+    _config_options(sub)
     configs = []
     for spec in args.compare:
         label, sep, rest = spec.partition(":")
@@ -165,18 +176,8 @@ def parse_configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         except argparse.ArgumentError as e:
             parser.error(f"--compare {label!r}: {e}")
         if unknown:
-            parser.error(f"--compare {label!r}: after '--' only client options are allowed, got {unknown}")
-        configs.append(
-            Config(
-                label.strip(),
-                base + tuple(server_args),
-                own.model,
-                own.model_version,
-                own.api,
-                own.stream,
-                own.images_per_request,
-            )  # fmt: skip
-        )
+            parser.error(f"--compare {label!r}: after '--' only the per-configuration options, got {unknown}")
+        configs.append(Config.from_args(label.strip(), base + tuple(server_args), own))
     if len({c.label for c in configs}) != len(configs):
         parser.error("--compare labels must be distinct")
     return configs
@@ -229,10 +230,10 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def run_all(args: argparse.Namespace, configs: list[Config]) -> None:
     images, labels = load_digits()
-    levels = [Level(concurrency=c) for c in args.concurrency or []] or [
-        Level(rate=r, arrivals=args.arrivals, streams=args.streams) for r in args.rate or []
-    ]
-    levels = levels or [Level(concurrency=c) for c in (1, 8, 32, 64)]
+    if args.rate:
+        levels = [Level(rate=r, arrivals=args.arrivals, streams=args.streams) for r in args.rate]
+    else:
+        levels = [Level(concurrency=c) for c in args.concurrency or (1, 8, 32, 64)]
     args.out.mkdir(parents=True, exist_ok=True)
     ceilings = {}
     if args.baselines in ("all", "ceiling") and args.repo:
@@ -250,24 +251,28 @@ def run_all(args: argparse.Namespace, configs: list[Config]) -> None:
         list(pool.map(time.sleep, [0.2] * args.procs))  # start the generator processes now, not in a level
         for config in configs:
             spawned = None
-            if args.spawn:
-                log = args.out / f"server-{_slug(config.label)}.log"
-                spawned = Spawned.mnist_serve(args.repo, list(config.server_args), log)
-                print(f"[{config.label}] spawned: {spawned}", file=sys.stderr)
-                conn = connection(args, (spawned.target,))
-                spawned.wait_serving(conn)
-                probe = Probe((spawned.metrics_url,), config.model, spawned.process.pid)
-            else:
-                conn = connection(args, tuple(args.server.split(",")))
-                probe = Probe(tuple(args.metrics_url.split(",")) if args.metrics_url else (), config.model)
             try:
+                if args.spawn:
+                    log = args.out / f"server-{_slug(config.label)}.log"
+                    command = shlex.split(config.serve_command)
+                    spawned = Spawned.mnist_serve(command, args.repo, list(config.server_args), log)
+                    print(f"[{config.label}] spawned: {spawned}", file=sys.stderr)
+                    conn = connection(args, (spawned.target,))
+                    spawned.wait_serving(conn)
+                    probe = Probe((spawned.metrics_url,), config.model, spawned.process.pid)
+                else:
+                    conn = connection(args, tuple(args.server.split(",")))
+                    urls = tuple(args.metrics_url.split(",")) if args.metrics_url else ()
+                    probe = Probe(urls, config.model)
                 workload = build_workload(
                     config.api, config.stream, config.model, config.version, images, labels,
                     config.images_per_request,
                 )  # fmt: skip
                 for level in levels:
                     spec = _spec(args, workload, conn, level, check=True)
-                    result, split = run_level(pool, args, spec, probe, config.label)
+                    result, split = run_level(
+                        pool, args.procs, spec, probe, config.label, not args.no_progress
+                    )
                     rows.append(report.summarize(config.label, config.setup, level, result, split))
                     print(report.table(rows[-1:]).splitlines()[-1], file=sys.stderr)
             finally:
@@ -294,8 +299,11 @@ def run_floor(pool, args, configs: list[Config], levels: list[Level], images, la
                      "server_args": "", "checked": False}  # fmt: skip
             for level in levels:
                 spec = _spec(args, workload, conn, level, check=False)
-                result, split = run_level(pool, args, spec, Probe(pid=echo.process.pid), report.FLOOR)
-                rows.append(report.summarize(report.FLOOR, setup, level, result, split))
+                label = report.floor_label(api, stream, ipr)
+                result, split = run_level(
+                    pool, args.procs, spec, Probe(pid=echo.process.pid), label, not args.no_progress
+                )
+                rows.append(report.summarize(label, setup, level, result, split))
     finally:
         echo.stop()
     return rows
@@ -307,71 +315,6 @@ def _spec(args, workload, conn: Connection, level: Level, check: bool) -> RunSpe
         max_requests=args.requests, timeout_s=args.timeout, late_after_s=args.late_ms / 1e3,
         seed=args.seed, check=check,
     )  # fmt: skip
-
-
-def split_spec(spec: RunSpec, procs: int) -> list[RunSpec]:
-    """Share one level between generator processes: concurrency, rate and request count are divided."""
-    specs = []
-    for k in range(procs):
-        level = spec.level
-        if level.concurrency:
-            level = replace(level, concurrency=_share(level.concurrency, procs, k))
-            if not level.concurrency:
-                continue
-        else:
-            level = replace(level, rate=level.rate / procs, streams=max(1, _share(level.streams, procs, k)))
-        max_requests = _share(spec.max_requests, procs, k)
-        if spec.max_requests and not max_requests:
-            continue
-        specs.append(
-            replace(spec, level=level, max_requests=max_requests, seed=spec.seed * 1000 + k, phase=k / procs)
-        )
-    return specs
-
-
-def _share(total: int, parts: int, k: int) -> int:
-    return total // parts + (k < total % parts)
-
-
-@dataclass(frozen=True)
-class Probe:
-    """What to read from the server at the window edges: its /metrics and, when spawned, its CPU."""
-
-    metrics_urls: tuple[str, ...] = ()
-    model: str = ""
-    pid: int | None = None
-
-    def read(self) -> tuple[float, Sample]:
-        return time.time(), scrape(list(self.metrics_urls), self.model, self.pid)
-
-
-def run_level(
-    pool: ProcessPoolExecutor, args, spec: RunSpec, probe: Probe, label: str
-) -> tuple[RunResult, ServerSplit | None]:
-    """Run one level on the generator processes; read the server's metrics at the window edges."""
-    start_at = time.time() + 0.3
-    futures = [pool.submit(loadgen.run, s) for s in split_spec(replace(spec, start_at=start_at), args.procs)]
-    begin = start_at + spec.warmup_s
-    end = None if spec.max_requests else begin + spec.duration_s
-    probing = bool(probe.metrics_urls) or probe.pid is not None
-    before = after = None
-    total = spec.warmup_s + (spec.duration_s if end else 0)
-    with tqdm(total=round(total, 1) or None, desc=f"{label} {spec.level.label}", unit="s", leave=False,
-              disable=args.no_progress, bar_format="{desc}: {bar} {n:.1f}/{total}s") as bar:  # fmt: skip
-        while not all(f.done() for f in futures):
-            now = time.time()
-            if probing and before is None and now >= begin:
-                before = probe.read()
-            if probing and after is None and end and now >= end:
-                after = probe.read()
-            bar.n = round(min(max(0.0, now - start_at), total or now - start_at), 1)
-            bar.refresh()
-            wait(futures, timeout=0.05)
-    result = RunResult.merge([f.result() for f in futures])
-    if before is None:
-        return result, None
-    after = after or probe.read()
-    return result, ServerSplit.between(before[1], after[1], after[0] - before[0])
 
 
 def write_outputs(args, configs, rows, floor_rows, ceilings, servers) -> None:
@@ -391,11 +334,12 @@ def write_outputs(args, configs, rows, floor_rows, ceilings, servers) -> None:
         },
     )
     report.write_csv(out / "results.csv", rows + floor_rows)
+    (out / "results.md").write_text(report.markdown(rows + floor_rows) + "\n")
     report.plot(out / "latency.png", rows, floor_rows, title)
     if ceilings:
         print(report.ceiling_table(ceilings))
     print(report.table(rows + floor_rows))
-    print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'latency.png'}")
+    print(f"wrote {out}/results.json, results.csv, results.md, latency.png")
 
 
 def _slug(label: str) -> str:

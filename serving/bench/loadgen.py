@@ -197,6 +197,9 @@ async def _closed_unary(call, requests, window, pick, record: Callable, md, spec
             reply, status = await call(requests[i], timeout=timeout, metadata=md), "OK"
         except grpc.aio.AioRpcError as error:
             reply, status = None, error.code().name
+        except asyncio.CancelledError:  # still unanswered long after the window: count it, then stop
+            record((t0, time.perf_counter(), i, "CANCELLED", None))
+            raise
         record((t0, time.perf_counter(), i, status, reply))
 
 
@@ -217,6 +220,9 @@ async def _closed_stream(call, requests, window, pick, record: Callable, md, spe
             if stream is not None:
                 stream.cancel()
             stream = None  # the next request opens a new stream
+        except asyncio.CancelledError:
+            record((t0, time.perf_counter(), i, "CANCELLED", None))
+            raise
         record((t0, time.perf_counter(), i, status, reply))
     if stream is not None:
         await stream.done_writing()
@@ -303,6 +309,9 @@ class _UnarySender:
             reply, status = await call(self.requests[i], timeout=self.timeout, metadata=self.md), "OK"
         except grpc.aio.AioRpcError as error:
             reply, status = None, error.code().name
+        except asyncio.CancelledError:
+            self.record((due, time.perf_counter(), i, "CANCELLED", None))
+            raise
         self.record((due, time.perf_counter(), i, status, reply))
 
     async def drain(self, timeout_s: float) -> None:

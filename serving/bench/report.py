@@ -16,7 +16,11 @@ from serving.bench.loadgen import Level, RunResult
 from serving.bench.server_metrics import ServerSplit
 
 PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99, "p99_9": 99.9}
-FLOOR = "grpc-echo-floor"
+
+
+def floor_label(api: str, stream: bool, images_per_request: int) -> str:
+    """The echo floor's row label for one request shape."""
+    return f"echo-floor {api}{'-stream' if stream else ''} x{images_per_request}"
 
 
 def summarize(config: str, setup: dict, level: Level, result: RunResult, split: ServerSplit | None) -> dict:
@@ -62,7 +66,7 @@ def summarize(config: str, setup: dict, level: Level, result: RunResult, split: 
                 "server_compute_ms": split.mean_compute_ms,
                 "server_batch_size": split.mean_batch_size,
             }
-        if not math.isnan(split.cpu_s):
+        if not math.isnan(split.cpu_s) and split.seconds > 0:
             # Per request answered in the window; the client's count, as the echo floor has no metrics.
             row["server_cpu_cores"] = split.cpu_s / split.seconds
             row["server_cpu_us_per_request"] = 1e6 * split.cpu_s / max(1, row["requests"])
@@ -137,24 +141,27 @@ TABLE = [
 ]
 
 
+def _cells(row: dict) -> list[str]:
+    cells = []
+    for title, key in TABLE:
+        if title == "level":
+            cells.append(f"c={row['concurrency']}" if row["concurrency"] else f"{row['rate']:g}/s")
+        elif title == "mean±std ms":
+            cells.append(f"{_fmt(row['mean_ms'])}±{_fmt(row['std_ms'])}")
+        elif title == "errors":
+            errors = {s: n for s, n in row["status"].items() if s != "OK"}
+            late = f" late={row['late']}" if row.get("late") else ""
+            cells.append((" ".join(f"{s}={n}" for s, n in errors.items()) or "0") + late)
+        elif title == "acc":
+            cells.append(_fmt(row.get(key), 4))
+        else:
+            cells.append(_fmt(row.get(key)))
+    return cells
+
+
 def table(rows: Iterable[dict]) -> str:
-    lines = [[title for title, _ in TABLE]]
-    for row in rows:
-        cells = []
-        for title, key in TABLE:
-            if title == "level":
-                cells.append(f"c={row['concurrency']}" if row["concurrency"] else f"{row['rate']:g}/s")
-            elif title == "mean±std ms":
-                cells.append(f"{_fmt(row['mean_ms'])}±{_fmt(row['std_ms'])}")
-            elif title == "errors":
-                errors = {s: n for s, n in row["status"].items() if s != "OK"}
-                late = f" late={row['late']}" if row.get("late") else ""
-                cells.append((" ".join(f"{s}={n}" for s, n in errors.items()) or "0") + late)
-            elif title == "acc":
-                cells.append(_fmt(row.get(key), 4))
-            else:
-                cells.append(_fmt(row.get(key)))
-        lines.append(cells)
+    """Fixed-width text for the terminal."""
+    lines = [[title for title, _ in TABLE], *(_cells(row) for row in rows)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE))]
     text = [
         "  ".join(
@@ -164,6 +171,13 @@ def table(rows: Iterable[dict]) -> str:
         for line in lines
     ]
     return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+
+
+def markdown(rows: Iterable[dict]) -> str:
+    """The same table in Markdown, for the README / benchmarks pages."""
+    lines = ["| " + " | ".join(title for title, _ in TABLE) + " |", "|" + "---|" * len(TABLE)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def ceiling_table(ceilings: dict[str, list[CeilingPoint]]) -> str:
@@ -208,25 +222,23 @@ def plot(path: Path, rows: list[dict], floor_rows: list[dict], title: str) -> No
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     styles = {"p50": "-", "p99": "--", "p99_9": ":"}
-    configs = list(dict.fromkeys(r["config"] for r in rows))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    series = [
-        (c, [r for r in rows if r["config"] == c], colours[i % len(colours)]) for i, c in enumerate(configs)
+    greys = ["0.45", "0.65", "0.8"]
+    series = [(c, colours[i % len(colours)]) for i, c in enumerate(dict.fromkeys(r["config"] for r in rows))]
+    series += [
+        (c, greys[i % len(greys)]) for i, c in enumerate(dict.fromkeys(r["config"] for r in floor_rows))
     ]
-    if floor_rows:
-        series.append((FLOOR, floor_rows, "grey"))
-    for name, points, colour in series:
-        points = sorted((r for r in points if r["ok"]), key=lambda r: r["images_per_s"])
+    for name, colour in series:
+        # In the order of the sweep (rising load), so an overloaded server shows as a line turning back.
+        points = [r for r in rows + floor_rows if r["config"] == name and r["ok"]]
+        x = [r["images_per_s"] for r in points]
         for pct, style in styles.items():
-            ax.plot(
-                [r["images_per_s"] for r in points],
-                [r[pct] for r in points],
-                style,
-                marker="o",
-                markersize=3,
-                color=colour,
-                label=f"{name} {pct.replace('_', '.')}",
-            )
+            label = f"{name} {pct.replace('_', '.')}"
+            ax.plot(x, [r[pct] for r in points], style, marker="o", markersize=3, color=colour, label=label)
+        for r in points:
+            level = f"c={r['concurrency']}" if r["concurrency"] else f"{r['rate']:g}/s"
+            ax.annotate(level, (r["images_per_s"], r["p50"]), fontsize=6, color=colour, xytext=(3, -8),
+                        textcoords="offset points")  # fmt: skip
     ax.set_xlabel("served images/s")
     ax.set_ylabel("latency (ms, log scale)")
     ax.set_yscale("log")

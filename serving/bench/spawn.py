@@ -42,9 +42,10 @@ class Spawned:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
     @classmethod
-    def mnist_serve(cls, repo: Path, extra_args: list[str], log_path: Path) -> "Spawned":
+    def mnist_serve(cls, command: list[str], repo: Path, extra_args: list[str], log_path: Path) -> "Spawned":
+        """`command` is mnist-serve, possibly behind a wrapper that execs it (taskset, env, nice)."""
         port, metrics_port = free_port(), free_port()
-        command = serve_command() + ["--repo", str(repo), "--host", "127.0.0.1", "--port", str(port)]
+        command = [*command, "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port)]
         command += ["--metrics-port", str(metrics_port), *extra_args]
         return cls(command, port, metrics_port, log_path)
 
