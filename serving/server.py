@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -42,8 +42,7 @@ class ServerConfig:
     port: int = 8001  # 0 = pick a free port (tests)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 8002  # None = no metrics endpoint; 0 = pick a free port
-    device: str = "auto"
-    intra_op_threads: int = 1
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     max_batch_size: int | None = None  # None = config.pbtxt
     max_queue_delay_us: int | None = None  # None = config.pbtxt
     max_queue_images: int = 4096
@@ -63,10 +62,11 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.provider = resolve_device(config.device)
-        options = RuntimeOptions(device=config.device, intra_op_threads=config.intra_op_threads)
+        self.provider = resolve_device(config.runtime.device)
         overrides = Overrides(config.max_batch_size, config.max_queue_delay_us, config.max_queue_images)
-        self.repository = ModelRepository(config.repo, options, overrides, self.metrics, self._set_health)
+        self.repository = ModelRepository(
+            config.repo, config.runtime, overrides, self.metrics, self._set_health
+        )
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -172,6 +172,13 @@ class Server:
                 log.error("event=poll_failed error=%r", str(e))
 
 
+def batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p = argparse.ArgumentParser(
         prog="mnist-serve",
@@ -185,6 +192,35 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus port (-1 = disabled)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime device")
     p.add_argument("--intra-op-threads", type=int, default=1, help="ORT threads per run (0 = one per core)")
+    p.add_argument("--inter-op-threads", type=int, default=1, help="ORT threads across graph branches")
+    p.add_argument(
+        "--execution-mode",
+        choices=["sequential", "parallel"],
+        default="sequential",
+        help="ORT execution mode",
+    )
+    p.add_argument(
+        "--spinning", action="store_true", help="let idle ORT threads spin (burns a core at low load)"
+    )
+    p.add_argument(
+        "--io-binding",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CUDA: bind inputs/outputs to device buffers allocated once per batch size",
+    )
+    p.add_argument(
+        "--cuda-graph-batch-sizes",
+        type=batch_sizes,
+        default=(),
+        metavar="N,N,...",
+        help="CUDA: capture a CUDA graph per batch bucket; batches pad up to the next (e.g. 1,8,64,256)",
+    )
+    p.add_argument(
+        "--cudnn-conv-algo-search",
+        choices=["HEURISTIC", "EXHAUSTIVE", "DEFAULT"],
+        default="HEURISTIC",
+        help="CUDA: how cuDNN picks convolution algorithms (EXHAUSTIVE stalls each first-seen batch size)",
+    )
     p.add_argument("--max-batch-size", type=int, help="images per ORT run (default: config.pbtxt)")
     p.add_argument(
         "--max-queue-delay-us",
@@ -238,10 +274,18 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     for name in positive:
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        runtime = RuntimeOptions(
+            device=a.device, intra_op_threads=a.intra_op_threads, inter_op_threads=a.inter_op_threads,
+            execution_mode=a.execution_mode, allow_spinning=a.spinning, io_binding=a.io_binding,
+            cuda_graph_batch_sizes=a.cuda_graph_batch_sizes, cudnn_conv_algo_search=a.cudnn_conv_algo_search,
+        )  # fmt: skip
+    except ValueError as e:
+        p.error(str(e))
     return ServerConfig(
         repo=a.repo, host=a.host, port=a.port, metrics_host=a.metrics_host,
-        metrics_port=None if a.metrics_port < 0 else a.metrics_port, device=a.device,
-        intra_op_threads=a.intra_op_threads, max_batch_size=a.max_batch_size,
+        metrics_port=None if a.metrics_port < 0 else a.metrics_port, runtime=runtime,
+        max_batch_size=a.max_batch_size,
         max_queue_delay_us=a.max_queue_delay_us, max_queue_images=a.max_queue_images,
         max_images_per_request=a.max_images_per_request, max_image_bytes=a.max_image_bytes,
         max_image_pixels=a.max_image_pixels, max_message_bytes=a.max_message_bytes, poll_seconds=a.poll,

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.proto.inference import grpc_service_pb2_grpc
 from serving.proto.mnist.v1 import classify_pb2_grpc
+from serving.runtime import RuntimeOptions
 from serving.server import Server, ServerConfig
 from training.data import MNIST, load_mnist
 
@@ -110,7 +111,14 @@ class RunningServer:
 
 
 def local_config(repo: Path, **overrides) -> ServerConfig:
-    base = ServerConfig(repo=repo, host="127.0.0.1", port=0, metrics_port=0, device="cpu", grace_seconds=5.0)
+    base = ServerConfig(
+        repo=repo,
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        runtime=RuntimeOptions(device="cpu"),
+        grace_seconds=5.0,
+    )
     return replace(base, **overrides)
 
 

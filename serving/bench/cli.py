@@ -28,6 +28,7 @@ from serving.bench.baselines import newest_model, ort_ceiling
 from serving.bench.loadgen import Connection, Level, RunSpec
 from serving.bench.runner import Probe, run_level
 from serving.bench.spawn import Spawned, SpawnError, serve_command
+from serving.runtime import ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--timeout", type=float, default=10.0, help="per-request deadline, seconds (default: 10)"
     )
-    load.add_argument("--late-ms", type=float, default=1.0, help="open loop: a send this late counts as late")
+    load.add_argument(
+        "--late-ms",
+        type=float,
+        default=2.0,
+        help="open loop: a send this late counts as late (default: 2; asyncio's timers have 1 ms resolution)",
+    )
     load.add_argument("--seed", type=int, default=0, help="arrival times and digit order")
     base = p.add_argument_group("baselines and output")
     base.add_argument(
@@ -210,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             if path is not None:
                 path.read_bytes()
         run_all(args, configs)
-    except (OSError, SpawnError, FileNotFoundError) as e:
+    except (OSError, SpawnError, ModelLoadError) as e:
         print(f"mnist-bench: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
@@ -250,39 +256,41 @@ def run_all(args: argparse.Namespace, configs: list[Config]) -> None:
     with ProcessPoolExecutor(args.procs, mp_context=context) as pool:
         list(pool.map(time.sleep, [0.2] * args.procs))  # start the generator processes now, not in a level
         for config in configs:
-            spawned = None
-            try:
-                if args.spawn:
-                    log = args.out / f"server-{_slug(config.label)}.log"
-                    command = shlex.split(config.serve_command)
-                    spawned = Spawned.mnist_serve(command, args.repo, list(config.server_args), log)
-                    print(f"[{config.label}] spawned: {spawned}", file=sys.stderr)
-                    conn = connection(args, (spawned.target,))
-                    spawned.wait_serving(conn)
-                    probe = Probe((spawned.metrics_url,), config.model, spawned.process.pid)
-                else:
-                    conn = connection(args, tuple(args.server.split(",")))
-                    urls = tuple(args.metrics_url.split(",")) if args.metrics_url else ()
-                    probe = Probe(urls, config.model)
-                workload = build_workload(
-                    config.api, config.stream, config.model, config.version, images, labels,
-                    config.images_per_request,
-                )  # fmt: skip
-                for level in levels:
-                    spec = _spec(args, workload, conn, level, check=True)
-                    result, split = run_level(
-                        pool, args.procs, spec, probe, config.label, not args.no_progress
-                    )
-                    rows.append(report.summarize(config.label, config.setup, level, result, split))
-                    print(report.table(rows[-1:]).splitlines()[-1], file=sys.stderr)
-            finally:
-                if spawned:
-                    code = spawned.stop()
-                    servers.append({"config": config.label, "command": str(spawned), "exit_code": code})
+            rows += run_config(pool, args, config, levels, images, labels, servers)
         if args.baselines in ("all", "floor"):
             floor_rows = run_floor(pool, args, configs, levels, images, labels)
     report.add_ratios(rows, floor_rows, ceilings)
     write_outputs(args, configs, rows, floor_rows, ceilings, servers)
+
+
+def run_config(pool, args, config: Config, levels: list[Level], images, labels, servers: list) -> list[dict]:
+    """Every level for one configuration, against its own spawned server or the given ones."""
+    rows, spawned = [], None
+    try:
+        if args.spawn:
+            log = args.out / f"server-{_slug(config.label)}.log"
+            command = shlex.split(config.serve_command)
+            spawned = Spawned.mnist_serve(command, args.repo, list(config.server_args), log)
+            print(f"[{config.label}] spawned: {spawned}", file=sys.stderr)
+            conn = connection(args, (spawned.target,))
+            spawned.wait_serving(conn)
+            probe = Probe((spawned.metrics_url,), config.model, spawned.process.pid)
+        else:
+            conn = connection(args, tuple(args.server.split(",")))
+            probe = Probe(tuple(args.metrics_url.split(",")) if args.metrics_url else (), config.model)
+        workload = build_workload(
+            config.api, config.stream, config.model, config.version, images, labels, config.images_per_request
+        )
+        for level in levels:
+            spec = _spec(args, workload, conn, level, check=True)
+            result, split = run_level(pool, args.procs, spec, probe, config.label, not args.no_progress)
+            rows.append(report.summarize(config.label, config.setup, level, result, split))
+            print(report.table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+    finally:
+        if spawned:
+            code = spawned.stop()
+            servers.append({"config": config.label, "command": str(spawned), "exit_code": code})
+    return rows
 
 
 def run_floor(pool, args, configs: list[Config], levels: list[Level], images, labels) -> list[dict]:

@@ -76,7 +76,7 @@ class RunSpec:
     duration_s: float  # the measured window, unless max_requests bounds it
     max_requests: int = 0
     timeout_s: float = 10.0
-    late_after_s: float = 0.001  # open loop: a send this much after its scheduled time counts as late
+    late_after_s: float = 0.002  # open loop: a send this much after its scheduled time counts as late
     max_outstanding: int = 10_000  # open loop: beyond this many requests in flight, sends are skipped
     seed: int = 0
     phase: float = 0.0  # open loop, constant arrivals: fraction of an interval to shift this process by
