@@ -1,8 +1,9 @@
 """Shared serving fixtures: a real trained model repository and in-process servers on loopback.
 
-The repository comes from `mnist-train --arch cnn --epochs 1 --train-limit 8000` on real MNIST. Training
-takes a minute or more on 2 cores, so the result is kept in pytest's cache under a key made of the
-training sources and arguments: edit training/ and the next run trains again.
+The repository comes from `mnist-train --arch cnn2 --epochs 1 --train-limit 10000` on real MNIST (the
+default architecture, ~96% test accuracy). Training, export and the parity check take ~30 s on 2 cores,
+so the result is kept in pytest's cache under a key made of the training sources and arguments: edit
+training/ and the next run trains again.
 """
 
 import asyncio
@@ -27,7 +28,7 @@ from serving.server import Server, ServerConfig
 from training.data import MNIST, load_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN_ARGS = ["--arch", "cnn", "--epochs", "1", "--train-limit", "8000", "--name", "mnist"]
+TRAIN_ARGS = ["--arch", "cnn2", "--epochs", "1", "--train-limit", "10000", "--name", "mnist"]
 
 
 def _training_key() -> str:

@@ -15,6 +15,7 @@ import struct
 import threading
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -32,7 +33,7 @@ from serving.server import ServerConfig
 
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND, EXHAUSTED = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED
-LIMITS = ServerConfig(repo=None)  # the shared server runs with the default limits
+LIMITS = ServerConfig(repo=Path())  # the shared server runs with the default limits
 MAX_IMAGES = LIMITS.max_images_per_request
 MAX_PIXELS = LIMITS.max_image_pixels
 PIXELS = 28 * 28

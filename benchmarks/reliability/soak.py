@@ -120,7 +120,7 @@ def capacity(served: Spawned, workload) -> float:
 
 
 def soak(repo: Path, logs: Path, digits, seconds: float) -> dict:
-    served = spawn(repo, logs, "soak", "--max-queue-images", "1024")
+    served = spawn(repo, logs, "soak")
     try:
         unary = build_workload("kserve", False, "mnist", "", *digits, 1)
         streamed = build_workload("classify", True, "mnist", "", *digits, 1)
@@ -152,7 +152,7 @@ def soak(repo: Path, logs: Path, digits, seconds: float) -> dict:
 
 
 def overload(repo: Path, logs: Path, digits, seconds: float, factor: float, images: int) -> dict:
-    served = spawn(repo, logs, f"overload-{images}", "--max-queue-images", "1024")
+    served = spawn(repo, logs, f"overload-{images}")
     try:
         workload = build_workload("kserve", False, "mnist", "", *digits, images)
         cap = capacity(served, workload)
