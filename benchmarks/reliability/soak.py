@@ -151,14 +151,36 @@ def soak(repo: Path, logs: Path, digits, seconds: float) -> dict:
     }
 
 
+def time_replies(served: Spawned, request: bytes, method: str, after: float, done: threading.Event) -> dict:
+    """One extra caller during the overload: median reply time by status (how fast refusals come)."""
+    times: dict[str, list[float]] = {}
+    time.sleep(max(0.0, after - time.time()))
+    with grpc.insecure_channel(served.target) as channel:
+        call = channel.unary_unary(method)
+        while not done.is_set():
+            start = time.perf_counter()
+            try:
+                call(request, timeout=TIMEOUT_S)
+                status = "OK"
+            except grpc.RpcError as e:
+                status = e.code().name
+            times.setdefault(status, []).append(1e3 * (time.perf_counter() - start))
+            time.sleep(0.05)
+    return {status: round(statistics.median(ms), 1) for status, ms in times.items()}
+
+
 def overload(repo: Path, logs: Path, digits, seconds: float, factor: float, images: int) -> dict:
     served = spawn(repo, logs, f"overload-{images}")
     try:
         workload = build_workload("kserve", False, "mnist", "", *digits, images)
         cap = capacity(served, workload)
-        with Sampler(served, every_s=0.25) as sampler:
+        with Sampler(served, every_s=0.25) as sampler, ThreadPoolExecutor(1) as pool:
             began = time.time() + 1.0
+            done = threading.Event()
+            probe = pool.submit(time_replies, served, workload.requests[0], workload.method, began, done)
             result = load(served, workload, Level(rate=factor * cap), seconds)
+            done.set()
+            reply_ms = probe.result()
         dropped = {
             reason: metric(served.metrics_url, "mnist_requests_dropped_total", reason=reason)
             for reason in ("queue_full", "deadline_expired", "cancelled")
@@ -171,6 +193,7 @@ def overload(repo: Path, logs: Path, digits, seconds: float, factor: float, imag
         "rate_req_per_s": round(factor * cap, 1),
         "seconds": seconds,
         "result": summary(result),
+        "probe_median_reply_ms_by_status": reply_ms,
         "dropped": dropped,
         "memory": sampler.memory(began),
         "exit_code": exit_code,
