@@ -95,7 +95,7 @@ def test_metadata_config_and_readiness(kserve) -> None:
         ("probabilities", "FP32", [-1, 10])
     ]
     config = kserve.ModelConfig(pb.ModelConfigRequest(name="mnist")).config
-    assert config.max_batch_size == 256 and config.input[0].name == "images"
+    assert config.max_batch_size == 64 and config.input[0].name == "images"
     index = kserve.RepositoryIndex(pb.RepositoryIndexRequest())
     assert [(m.name, m.version, m.state) for m in index.models] == [("mnist", "1", "READY")]
 

@@ -80,7 +80,8 @@ def test_config_pbtxt_declares_the_contract():
     for line in (
         'name: "digits"',
         'platform: "onnxruntime_onnx"',
-        "max_batch_size: 256",
+        "max_batch_size: 64",
+        "instance_group [ { count: 2 } ]",
         'name: "images"',
         "TYPE_UINT8",
         "dims: [ 1, 28, 28 ]",

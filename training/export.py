@@ -88,10 +88,14 @@ def check_parity(model_bytes: bytes, images: np.ndarray, expected: np.ndarray, b
     return worst
 
 
-def config_pbtxt(name: str, max_batch_size: int = 256, max_queue_delay_us: int = 0) -> str:
+# Serving defaults measured with mnist-bench on 2 CPU cores (benchmarks/serving.md): ORT throughput is flat
+# above batch 8, so batches past 64 only add latency; two instances let one batch compute while the next
+# forms. No queue delay, as Triton recommends: under load the next batch fills while one computes.
+def config_pbtxt(name: str, max_batch_size: int = 64, instances: int = 2, max_queue_delay_us: int = 0) -> str:
     return f"""name: "{name}"
 platform: "onnxruntime_onnx"
 max_batch_size: {max_batch_size}
+instance_group [ {{ count: {instances} }} ]
 input [
   {{
     name: "images"
