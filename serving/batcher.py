@@ -84,6 +84,12 @@ class Batcher:
     async def submit(self, images: np.ndarray, deadline: float | None = None) -> BatchResult:
         """images: uint8 C-contiguous [n, 1, 28, 28]. Raises RequestError (RESOURCE_EXHAUSTED, ...)."""
         n = len(images)
+        if n > self.max_queue_images:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{n} images in one request, above the {self.max_queue_images} that model {self.name}'s "
+                "queue holds (--max-queue-images): send fewer per request",
+            )
         chunks = [
             _Pending(images[i : i + self.max_batch_size], self._loop.create_future(), deadline)
             for i in range(0, n, self.max_batch_size)

@@ -14,7 +14,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from serving.errors import RequestError
+from serving.errors import RequestError, reject
 from serving.images import MNIST_PIXELS
 from serving.metrics import Metrics
 from serving.proto.inference import grpc_service_pb2 as pb
@@ -35,27 +35,64 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+class StreamReaders:
+    """The reading side of every open stream, so that a shutdown can stop them: each stream then
+    answers the requests it has read and ends with OK (a request it never read was never accepted).
+    Otherwise streams would be read until the grace period ran out, then cancelled mid-request."""
+
+    def __init__(self) -> None:
+        self._reading: set[asyncio.Task] = set()
+        self.closed = False
+
+    def add(self, reader: asyncio.Task) -> None:
+        if self.closed:
+            reader.cancel()
+            return
+        self._reading.add(reader)
+        reader.add_done_callback(self._reading.discard)
+
+    def close(self) -> None:
+        self.closed = True
+        for reader in list(self._reading):
+            reader.cancel()
+
+
 async def pipelined(
-    requests: AsyncIterator[Request], answer: Callable[[Request], Awaitable[Response]], depth: int = 64
+    requests: AsyncIterator[Request],
+    answer: Callable[[Request], Awaitable[Response]],
+    readers: StreamReaders,
+    depth: int = 64,
 ) -> AsyncIterator[Response]:
     """Answer a stream's requests concurrently, so a client pipelining on one stream gets batched,
     but yield the responses in request order. At most `depth` requests of one stream are in flight
     (then the stream stops being read: flow control pushes back on the client). `answer` must not raise.
     """
-    started: asyncio.Queue = asyncio.Queue(depth)
+    started: asyncio.Queue = asyncio.Queue()
+    slots = asyncio.Semaphore(depth)
 
     async def read() -> None:
+        # readers.close() cancels this while it waits for a slot or for the next request, never between
+        # reading a request and queueing its answer: nothing read goes unanswered.
         try:
-            async for request in requests:
-                await started.put(asyncio.ensure_future(answer(request)))
+            iterator = aiter(requests)
+            while True:
+                await slots.acquire()
+                try:
+                    request = await anext(iterator)
+                except StopAsyncIteration:
+                    return
+                started.put_nowait(asyncio.ensure_future(answer(request)))
         finally:
-            await started.put(None)
+            started.put_nowait(None)
 
     reader = asyncio.ensure_future(read())
+    readers.add(reader)
     try:
         while (task := await started.get()) is not None:
             yield await task
-        await reader  # re-raises if the request stream broke
+            slots.release()
+        if not reader.cancelled():  # cancelled = stopped by a shutdown: the stream ends with OK
+            await reader  # re-raises if the request stream broke
     finally:
         reader.cancel()
         while not started.empty():
@@ -78,7 +115,7 @@ def decode_tensor(request: pb.ModelInferRequest, max_images: int) -> np.ndarray:
         raise RequestError(
             INVALID, f"input 'images' has datatype {tensor.datatype[:20]!r}: expected UINT8 (or FP32 0..255)"
         )
-    shape = list(tensor.shape)
+    shape = list(tensor.shape[:5])  # enough to tell 4 dimensions from any other; never copy millions
     if len(shape) != 4 or shape[1:] != [1, 28, 28] or shape[0] < 1:
         raise RequestError(
             INVALID, f"input 'images' has shape {shape[:8]}: expected {INPUT_SHAPE_HINT}, N >= 1"
@@ -120,8 +157,16 @@ def decode_tensor(request: pb.ModelInferRequest, max_images: int) -> np.ndarray:
 
 
 class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, metrics: Metrics, max_images: int, provider: str) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        metrics: Metrics,
+        max_images: int,
+        provider: str,
+        streams: StreamReaders | None = None,
+    ) -> None:
         self.repository = repository
+        self.streams = streams or StreamReaders()
         self.metrics = metrics
         self.max_images = max_images
         self.extensions = [*EXTENSIONS, f"onnxruntime_provider:{provider}"]
@@ -145,7 +190,10 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=self.extensions)
 
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
-        loaded = await self._get(request.name, request.version, context)
+        try:
+            loaded = self.repository.get(request.name, request.version)
+        except RequestError as e:
+            return reject(context, e)
         versions = self.repository.models[loaded.name].versions
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -157,7 +205,10 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
-        loaded = await self._get(request.name, request.version, context)
+        try:
+            loaded = self.repository.get(request.name, request.version)
+        except RequestError as e:
+            return reject(context, e)
         return pb.ModelConfigResponse(config=loaded.config)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
@@ -168,7 +219,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             response = await self._infer(request, deadline_of(context))
         except RequestError as e:
             self._count(name, e.code.name, start)
-            await context.abort(e.code, e.message)
+            return reject(context, e)
         finally:
             self.metrics.inflight.dec()
         self._count(name, "OK", start)
@@ -196,7 +247,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             self._count(request.model_name, "OK", start)
             return pb.ModelStreamInferResponse(infer_response=response)
 
-        async for response in pipelined(requests, answer):
+        async for response in pipelined(requests, answer, self.streams):
             yield response
 
     async def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
@@ -215,21 +266,15 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             await self.repository.load(request.model_name)
         except RequestError as e:
-            await context.abort(e.code, e.message)
+            return reject(context, e)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
         try:
             await self.repository.unload(request.model_name)
         except RequestError as e:
-            await context.abort(e.code, e.message)
+            return reject(context, e)
         return pb.RepositoryModelUnloadResponse()
-
-    async def _get(self, name: str, version: str, context):
-        try:
-            return self.repository.get(name, version)
-        except RequestError as e:
-            await context.abort(e.code, e.message)
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         loaded = self.repository.get(request.model_name, request.model_version)

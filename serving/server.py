@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.classify import ClassifierServicer, Limits
 from serving.client import HelpFormatter
-from serving.kserve import KServeServicer
+from serving.kserve import KServeServicer, StreamReaders
 from serving.metrics import Metrics
 from serving.proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from serving.proto.mnist.v1 import classify_pb2, classify_pb2_grpc
@@ -68,6 +68,7 @@ class Server:
             config.repo, config.runtime, overrides, self.metrics, self._set_health
         )
         self.health = health.aio.HealthServicer()
+        self.streams = StreamReaders()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -90,10 +91,13 @@ class Server:
         )
         limits = Limits(c.max_images_per_request, c.max_image_bytes, c.max_image_pixels)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.repository, self.metrics, c.max_images_per_request, self.provider), self._grpc
+            KServeServicer(
+                self.repository, self.metrics, c.max_images_per_request, self.provider, self.streams
+            ),
+            self._grpc,
         )
         classify_pb2_grpc.add_ClassifierServicer_to_server(
-            ClassifierServicer(self.repository, self.metrics, limits), self._grpc
+            ClassifierServicer(self.repository, self.metrics, limits, self.streams), self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
@@ -142,6 +146,7 @@ class Server:
         if self._poller:
             self._poller.cancel()
         await self.health.enter_graceful_shutdown()
+        self.streams.close()  # open streams answer what they have read, then end: none holds the grace
         if self._grpc is not None:
             await self._grpc.stop(self.config.grace_seconds)
         await self.repository.close()
