@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ceiling-batch-sizes", type=_csv(int), help="default: 1,8,32,64,128 + images per request"
     )
     base.add_argument("--out", type=Path, default=Path("bench-results"), help="JSON/CSV/PNG directory")
-    base.add_argument("--no-progress", action="store_true", help="no progress bars")
+    base.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (off anyway when stderr is no terminal)"
+    )
     sec = p.add_argument_group("security")
     sec.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server certificate: use TLS")
     sec.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS)")

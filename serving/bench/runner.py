@@ -1,5 +1,6 @@
 """Run one load level on the generator processes and read the server at the edges of its window."""
 
+import sys
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, wait
@@ -81,6 +82,7 @@ def run_level(
     before = probe.read_at(begin) if probe.active else None
     after = probe.read_at(end) if probe.active and end else None
     total = spec.warmup_s + (spec.duration_s if end else 0)
+    progress = progress and sys.stderr.isatty()  # a bar redrawn into a log file is noise
     with tqdm(total=round(total, 1) or None, desc=f"{label} {spec.level.label}", unit="s", leave=False,
               disable=not progress, bar_format="{desc}: {bar} {n:.1f}/{total}s") as bar:  # fmt: skip
         while not all(f.done() for f in futures):
