@@ -50,6 +50,7 @@ class ServerConfig:
     max_image_bytes: int = 4 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_message_bytes: int = 16 * 1024 * 1024
+    max_concurrent_rpcs: int = 1024  # RPCs handled at once; more wait in gRPC core, unread
     poll_seconds: float | None = None
     grace_seconds: float = 10.0
     tls_cert: Path | None = None
@@ -83,6 +84,8 @@ class Server:
         interceptors = [TokenAuthInterceptor(read_token(c.auth_token_file))] if c.auth_token_file else []
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
+            # Bounds the per-RPC state (tasks, parsed requests) an overload can pile up in this process.
+            maximum_concurrent_rpcs=c.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", c.max_message_bytes),
                 ("grpc.max_send_message_length", c.max_message_bytes),
@@ -242,6 +245,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024, help="gRPC message size limit")
     p.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=1024,
+        help="RPCs handled at once (a stream counts as one); more wait, unread",
+    )
+    p.add_argument(
         "--poll",
         type=float,
         metavar="SECONDS",
@@ -275,6 +284,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "max_image_bytes",
         "max_image_pixels",
         "max_message_bytes",
+        "max_concurrent_rpcs",
     )
     for name in positive:
         if getattr(a, name) < 1:
@@ -294,6 +304,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         max_queue_delay_us=a.max_queue_delay_us, max_queue_images=a.max_queue_images,
         max_images_per_request=a.max_images_per_request, max_image_bytes=a.max_image_bytes,
         max_image_pixels=a.max_image_pixels, max_message_bytes=a.max_message_bytes, poll_seconds=a.poll,
+        max_concurrent_rpcs=a.max_concurrent_rpcs,
         grace_seconds=a.grace, tls_cert=a.tls_cert, tls_key=a.tls_key, tls_client_ca=a.tls_client_ca,
         auth_token_file=a.auth_token_file,
     )  # fmt: skip
