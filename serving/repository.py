@@ -194,9 +194,24 @@ class ModelRepository:
                 )
             await self._sync_model(name)
         await self._changed()
+        model_dir = self.root / name
+        refused = {path: reason for path, reason in self.failed.items() if path.is_relative_to(model_dir)}
         if name not in self.models or not self.models[name].versions:
-            reasons = "; ".join(v for k, v in self.failed.items() if k.is_relative_to(self.root / name))
-            raise RequestError(grpc.StatusCode.INTERNAL, f"model {name!r} failed to load: {reasons}")
+            raise RequestError(
+                grpc.StatusCode.INTERNAL, f"model {name!r} failed to load: {'; '.join(refused.values())}"
+            )
+        # The old version keeps serving, but the caller asked for what is on disk: say it was not loaded.
+        newest = max(self.models[name].versions)
+        newer = [
+            reason
+            for path, reason in refused.items()
+            if path.name == CONFIG_FILE or (path.parent.name.isdigit() and int(path.parent.name) > newest)
+        ]
+        if newer:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {name!r} still serves version {newest}; refused: {'; '.join(newer)}",
+            )
 
     async def unload(self, name: str) -> None:
         validate_name(name)

@@ -362,13 +362,13 @@ def test_a_corrupt_new_version_at_reload_leaves_the_old_one_serving(start_server
     staging.rename(repo / "mnist" / "2")
     with running.channel() as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        try:
+        with pytest.raises(grpc.RpcError) as error:  # the caller learns the new version was refused...
             stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="mnist"), timeout=60)
-        except (
-            grpc.RpcError
-        ) as error:  # reporting the refused version is fine too; serving on is not optional
-            assert str(repo / "mnist" / "2" / "model.onnx") in error.value.details()
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "still serves version 1" in error.value.details()
+        assert str(repo / "mnist" / "2" / "model.onnx") in error.value.details()
         assert any(str(repo / "mnist" / "2" / "model.onnx") in m for m in refusals(caplog))
+        # ...and the old one serves on.
         assert stub.ModelInfer(infer_request(), timeout=30).model_version == "1"
         assert not stub.ModelReady(pb.ModelReadyRequest(name="mnist", version="2"), timeout=30).ready
 
