@@ -254,12 +254,13 @@ def test_tls_and_token(repo, mnist, tmp_path):
     out = tmp_path / "out"
     done = _bench(
         "--spawn", "--repo", str(repo), "--server-args", server_args, "--tls-ca", str(cert), "--token-file",
-        str(token), "--concurrency", "2", "--requests", "20", "--warmup", "0.2", "--baselines", "none",
+        str(token), "--concurrency", "2", "--requests", "200", "--warmup", "0.2", "--baselines", "none",
         "--out", str(out), "--no-progress",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     (row,) = json.loads((out / "results.json").read_text())["results"]
-    assert row["status"] == {"OK": 20} and row["accuracy"] > 0.7
+    # 200 replies: enough that a ~0.85-accurate model cannot fall to 0.7 by which digits were drawn.
+    assert row["status"] == {"OK": 200} and row["accuracy"] > 0.7
 
 
 def test_a_server_that_cannot_start_is_one_line(repo, tmp_path):
