@@ -188,23 +188,31 @@ def batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    d, r = ServerConfig(repo=Path("models")), RuntimeOptions()  # the defaults, stated once
     p = argparse.ArgumentParser(
         prog="mnist-serve",
         description="Serve the ONNX models of a Triton-layout repository over gRPC (KServe v2 + mnist.v1).",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--repo", type=Path, default=Path("models"), help="model repository directory")
-    p.add_argument("--host", default="0.0.0.0", help="gRPC listen address")
-    p.add_argument("--port", type=int, default=8001, help="gRPC port (0 = any free port)")
-    p.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus /metrics listen address")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus port (-1 = disabled)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime device")
-    p.add_argument("--intra-op-threads", type=int, default=1, help="ORT threads per run (0 = one per core)")
-    p.add_argument("--inter-op-threads", type=int, default=1, help="ORT threads across graph branches")
+    p.add_argument("--repo", type=Path, default=d.repo, help="model repository directory")
+    p.add_argument("--host", default=d.host, help="gRPC listen address")
+    p.add_argument("--port", type=int, default=d.port, help="gRPC port (0 = any free port)")
+    p.add_argument("--metrics-host", default=d.metrics_host, help="Prometheus /metrics listen address")
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus port (-1 = disabled)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=r.device, help="ONNX Runtime device")
+    p.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=r.intra_op_threads,
+        help="ORT threads per run (0 = one per core)",
+    )
+    p.add_argument(
+        "--inter-op-threads", type=int, default=r.inter_op_threads, help="ORT threads across graph branches"
+    )
     p.add_argument(
         "--execution-mode",
         choices=["sequential", "parallel"],
-        default="sequential",
+        default=r.execution_mode,
         help="ORT execution mode",
     )
     p.add_argument(
@@ -213,20 +221,20 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument(
         "--io-binding",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=r.io_binding,
         help="CUDA: bind inputs/outputs to device buffers allocated once per batch size",
     )
     p.add_argument(
         "--cuda-graph-batch-sizes",
         type=batch_sizes,
-        default=(),
+        default=r.cuda_graph_batch_sizes,
         metavar="N,N,...",
         help="CUDA: capture a CUDA graph per batch bucket; batches pad up to the next (e.g. 1,8,64,256)",
     )
     p.add_argument(
         "--cudnn-conv-algo-search",
         choices=["HEURISTIC", "EXHAUSTIVE", "DEFAULT"],
-        default="HEURISTIC",
+        default=r.cudnn_conv_algo_search,
         help="CUDA: how cuDNN picks convolution algorithms (EXHAUSTIVE stalls each first-seen batch size)",
     )
     p.add_argument("--max-batch-size", type=int, help="images per ORT run (default: config.pbtxt)")
@@ -236,18 +244,27 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="wait for more requests up to this long (default: config.pbtxt)",
     )
     p.add_argument(
-        "--max-queue-images", type=int, default=4096, help="queued images per model before RESOURCE_EXHAUSTED"
+        "--max-queue-images",
+        type=int,
+        default=d.max_queue_images,
+        help="queued images per model before RESOURCE_EXHAUSTED",
     )
-    p.add_argument("--max-images-per-request", type=int, default=1024, help="images in one request")
-    p.add_argument("--max-image-bytes", type=int, default=4 * 1024 * 1024, help="bytes of one encoded image")
     p.add_argument(
-        "--max-image-pixels", type=int, default=4096 * 4096, help="declared pixels of an encoded image"
+        "--max-images-per-request", type=int, default=d.max_images_per_request, help="images in one request"
     )
-    p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024, help="gRPC message size limit")
+    p.add_argument(
+        "--max-image-bytes", type=int, default=d.max_image_bytes, help="bytes of one encoded image"
+    )
+    p.add_argument(
+        "--max-image-pixels", type=int, default=d.max_image_pixels, help="declared pixels of an encoded image"
+    )
+    p.add_argument(
+        "--max-message-bytes", type=int, default=d.max_message_bytes, help="gRPC message size limit"
+    )
     p.add_argument(
         "--max-concurrent-rpcs",
         type=int,
-        default=1024,
+        default=d.max_concurrent_rpcs,
         help="RPCs handled at once (a stream counts as one); more wait, unread",
     )
     p.add_argument(
@@ -257,7 +274,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="rescan the repository this often for new versions (default: only at start)",
     )
     p.add_argument(
-        "--grace", type=float, default=10.0, help="seconds to finish in-flight requests on shutdown"
+        "--grace",
+        type=float,
+        default=d.grace_seconds,
+        help="seconds to finish in-flight requests on shutdown",
     )
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (default: plaintext)")
     p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
