@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from serving.contract import IMAGE_PIXELS, IMAGE_SHAPE, IMAGE_SIDE
 from serving.errors import RequestError, reject
-from serving.images import MNIST_PIXELS, ImageError, decode_image
+from serving.images import ImageError, decode_image
 from serving.kserve import StreamReaders, deadline_of, pipelined
 from serving.metrics import Metrics
 from serving.proto.mnist.v1 import classify_pb2 as pb
@@ -28,15 +29,17 @@ class Limits:
 
 def decode_images(images, limits: Limits) -> np.ndarray:
     """Request images -> uint8 [N,1,28,28]; RequestError names the offending image index."""
-    batch = np.empty((len(images), 1, 28, 28), np.uint8)
+    batch = np.empty((len(images), *IMAGE_SHAPE), np.uint8)
     for i, image in enumerate(images):
         kind = image.WhichOneof("data")
         if kind == "pixels":
-            if len(image.pixels) != MNIST_PIXELS:
+            if len(image.pixels) != IMAGE_PIXELS:
                 raise RequestError(
-                    INVALID, f"images[{i}].pixels has {len(image.pixels)} bytes: expected 784 (28x28 uint8)"
+                    INVALID,
+                    f"images[{i}].pixels has {len(image.pixels)} bytes: "
+                    f"expected {IMAGE_PIXELS} ({IMAGE_SIDE}x{IMAGE_SIDE} uint8)",
                 )
-            batch[i, 0] = np.frombuffer(image.pixels, np.uint8).reshape(28, 28)
+            batch[i, 0] = np.frombuffer(image.pixels, np.uint8).reshape(IMAGE_SIDE, IMAGE_SIDE)
         elif kind == "encoded":
             if len(image.encoded) > limits.max_image_bytes:
                 raise RequestError(
@@ -50,7 +53,8 @@ def decode_images(images, limits: Limits) -> np.ndarray:
                 raise RequestError(INVALID, f"images[{i}]: {e}") from e
         else:
             raise RequestError(
-                INVALID, f"images[{i}] is empty: set `encoded` (PNG, JPEG...) or `pixels` (784 bytes)"
+                INVALID,
+                f"images[{i}] is empty: set `encoded` (PNG, JPEG...) or `pixels` ({IMAGE_PIXELS} bytes)",
             )
     return batch
 

@@ -5,7 +5,7 @@
     result.predictions[0].label
 
 Paths and bytes are sent encoded (the server turns them into MNIST form); PIL images and numpy arrays
-are converted here with the same rule (serving.images.to_mnist) and sent as 784 raw pixels.
+are converted here with the same rule (serving.images.to_mnist) and sent as 28x28 raw pixels.
 """
 
 import argparse
@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from serving.contract import IMAGE_PIXELS
 from serving.images import to_mnist
 from serving.proto.mnist.v1 import classify_pb2 as pb
 from serving.proto.mnist.v1 import classify_pb2_grpc
@@ -60,7 +61,7 @@ def to_image_message(image: ImageLike) -> pb.Image:
     if isinstance(image, bytes):
         return pb.Image(encoded=image)
     if isinstance(image, np.ndarray):
-        if image.dtype == np.uint8 and image.size == 784:
+        if image.dtype == np.uint8 and image.size == IMAGE_PIXELS:
             return pb.Image(pixels=image.tobytes())
         image = Image.fromarray(image)
     if isinstance(image, Image.Image):

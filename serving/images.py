@@ -13,8 +13,7 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
-MNIST_SIDE = 28
-MNIST_PIXELS = MNIST_SIDE * MNIST_SIDE
+from serving.contract import IMAGE_SIDE
 
 
 class ImageError(ValueError):
@@ -55,9 +54,9 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     if border.mean() > 127:
         gray = ImageOps.invert(gray)
-    if gray.size != (MNIST_SIDE, MNIST_SIDE):
+    if gray.size != (IMAGE_SIDE, IMAGE_SIDE):
         side = max(gray.size)
         square = Image.new("L", (side, side), 0)
         square.paste(gray, ((side - gray.width) // 2, (side - gray.height) // 2))
-        gray = square.resize((MNIST_SIDE, MNIST_SIDE), Image.Resampling.BOX)
+        gray = square.resize((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.BOX)
     return np.asarray(gray, dtype=np.uint8)

@@ -14,8 +14,8 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
+from serving.contract import IMAGE_PIXELS, IMAGE_SHAPE, INPUT_NAME, INPUT_SHAPE_TEXT, NUM_CLASSES, OUTPUT_NAME
 from serving.errors import RequestError, reject
-from serving.images import MNIST_PIXELS
 from serving.metrics import Metrics
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
@@ -23,8 +23,7 @@ from serving.repository import ModelRepository
 
 SERVER_NAME = "mnist-serve"
 EXTENSIONS = ["model_repository", "model_configuration"]
-INPUT_SHAPE_HINT = "[N, 1, 28, 28]"
-BYTES_PER_IMAGE = {"UINT8": MNIST_PIXELS, "FP32": 4 * MNIST_PIXELS}
+BYTES_PER_IMAGE = {"UINT8": IMAGE_PIXELS, "FP32": 4 * IMAGE_PIXELS}
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -107,29 +106,32 @@ def decode_tensor(request: pb.ModelInferRequest, max_images: int) -> np.ndarray:
     The declared shape is checked against max_images and the payload size before anything is allocated.
     """
     if len(request.inputs) != 1:
-        raise RequestError(INVALID, f"expected exactly 1 input 'images', got {len(request.inputs)}")
+        raise RequestError(INVALID, f"expected exactly 1 input {INPUT_NAME!r}, got {len(request.inputs)}")
     tensor = request.inputs[0]
-    if tensor.name != "images":
-        raise RequestError(INVALID, f"unknown input {tensor.name[:80]!r}: the model's only input is 'images'")
+    if tensor.name != INPUT_NAME:
+        raise RequestError(
+            INVALID, f"unknown input {tensor.name[:80]!r}: the model's only input is {INPUT_NAME!r}"
+        )
     if tensor.datatype not in BYTES_PER_IMAGE:
         raise RequestError(
-            INVALID, f"input 'images' has datatype {tensor.datatype[:20]!r}: expected UINT8 (or FP32 0..255)"
+            INVALID,
+            f"input {INPUT_NAME!r} has datatype {tensor.datatype[:20]!r}: expected UINT8 (or FP32 0..255)",
         )
     shape = list(tensor.shape[:5])  # enough to tell 4 dimensions from any other; never copy millions
-    if len(shape) != 4 or shape[1:] != [1, 28, 28] or shape[0] < 1:
+    if len(shape) != 4 or shape[1:] != list(IMAGE_SHAPE) or shape[0] < 1:
         raise RequestError(
-            INVALID, f"input 'images' has shape {shape[:8]}: expected {INPUT_SHAPE_HINT}, N >= 1"
+            INVALID, f"input {INPUT_NAME!r} has shape {shape[:8]}: expected {INPUT_SHAPE_TEXT}, N >= 1"
         )
     n = shape[0]
     if n > max_images:
         raise RequestError(
             grpc.StatusCode.RESOURCE_EXHAUSTED, f"{n} images in one request, above the limit of {max_images}"
         )
-    count = n * MNIST_PIXELS
+    count = n * IMAGE_PIXELS
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1 or tensor.HasField("contents"):
             raise RequestError(
-                INVALID, "send 'images' either in raw_input_contents (one entry) or in contents"
+                INVALID, f"send {INPUT_NAME!r} either in raw_input_contents (one entry) or in contents"
             )
         raw = request.raw_input_contents[0]
         expected = n * BYTES_PER_IMAGE[tensor.datatype]
@@ -153,7 +155,7 @@ def decode_tensor(request: pb.ModelInferRequest, max_images: int) -> np.ndarray:
         if not np.all((flat >= 0) & (flat <= 255)):  # also false for NaN
             raise RequestError(INVALID, f"{tensor.datatype} pixel values must be within 0..255 (and finite)")
         flat = np.rint(flat).astype(np.uint8) if flat.dtype.kind == "f" else flat.astype(np.uint8)
-    return flat.reshape(n, 1, 28, 28)
+    return flat.reshape(n, *IMAGE_SHAPE)
 
 
 class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -200,8 +202,8 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             name=loaded.name,
             versions=[str(v) for v in sorted(versions)],
             platform=loaded.config.platform or "onnxruntime_onnx",
-            inputs=[tensor(name="images", datatype="UINT8", shape=[-1, 1, 28, 28])],
-            outputs=[tensor(name="probabilities", datatype="FP32", shape=[-1, 10])],
+            inputs=[tensor(name=INPUT_NAME, datatype="UINT8", shape=[-1, *IMAGE_SHAPE])],
+            outputs=[tensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, NUM_CLASSES])],
         )
 
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
@@ -279,9 +281,9 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         loaded = self.repository.get(request.model_name, request.model_version)
         for output in request.outputs:
-            if output.name != "probabilities":
+            if output.name != OUTPUT_NAME:
                 raise RequestError(
-                    INVALID, f"unknown output {output.name[:80]!r}: the only output is 'probabilities'"
+                    INVALID, f"unknown output {output.name[:80]!r}: the only output is {OUTPUT_NAME!r}"
                 )
         images = decode_tensor(request, self.max_images)
         result = await loaded.batcher.submit(images, deadline)
@@ -292,7 +294,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             id=request.id,
             outputs=[
                 pb.ModelInferResponse.InferOutputTensor(
-                    name="probabilities", datatype="FP32", shape=probabilities.shape
+                    name=OUTPUT_NAME, datatype="FP32", shape=probabilities.shape
                 )
             ],
             raw_output_contents=[probabilities.tobytes()],

@@ -23,6 +23,14 @@ import grpc
 from google.protobuf import text_format
 
 from serving.batcher import Batcher
+from serving.contract import (
+    IMAGE_SHAPE,
+    INPUT_NAME,
+    MODEL_NAME_RULE,
+    NUM_CLASSES,
+    OUTPUT_NAME,
+    is_valid_model_name,
+)
 from serving.errors import RequestError
 from serving.metrics import Metrics
 from serving.proto.inference import model_config_pb2
@@ -30,7 +38,6 @@ from serving.runtime import DeviceError, ModelLoadError, ModelSession, RuntimeOp
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 VERSION = re.compile(r"[1-9][0-9]{0,18}")
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.pbtxt"
@@ -68,10 +75,9 @@ class LoadedModel:
 
 
 def validate_name(name: str, what: str = "model name") -> str:
-    if not NAME.fullmatch(name) or ".." in name:
+    if not is_valid_model_name(name):
         raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"invalid {what} {name[:80]!r}: use 1-128 letters, digits, '_', '-', '.' (no '..', no '/')",
+            grpc.StatusCode.INVALID_ARGUMENT, f"invalid {what} {name[:80]!r}: use {MODEL_NAME_RULE}"
         )
     return name
 
@@ -92,14 +98,18 @@ def read_config(path: Path) -> model_config_pb2.ModelConfig:
     except (OSError, UnicodeDecodeError, text_format.ParseError) as e:
         raise RepositoryError(f"{path}: cannot parse: {e}") from e
     dt = model_config_pb2.DataType
-    expected_in = ("images", dt.TYPE_UINT8, [1, 28, 28])
-    expected_out = ("probabilities", dt.TYPE_FP32, [10])
+    expected_in = (INPUT_NAME, dt.TYPE_UINT8, list(IMAGE_SHAPE))
+    expected_out = (OUTPUT_NAME, dt.TYPE_FP32, [NUM_CLASSES])
     ins = [(i.name, i.data_type, list(i.dims)) for i in config.input]
     outs = [(o.name, o.data_type, list(o.dims)) for o in config.output]
     if ins and ins != [expected_in]:
-        raise RepositoryError(f"{path}: input must be images TYPE_UINT8 dims [1, 28, 28], found {ins}")
+        raise RepositoryError(
+            f"{path}: input must be {INPUT_NAME} TYPE_UINT8 dims {list(IMAGE_SHAPE)}, found {ins}"
+        )
     if outs and outs != [expected_out]:
-        raise RepositoryError(f"{path}: output must be probabilities TYPE_FP32 dims [10], found {outs}")
+        raise RepositoryError(
+            f"{path}: output must be {OUTPUT_NAME} TYPE_FP32 dims [{NUM_CLASSES}], found {outs}"
+        )
     if config.max_batch_size < 0:
         raise RepositoryError(f"{path}: max_batch_size must be >= 0, found {config.max_batch_size}")
     return config
@@ -175,7 +185,7 @@ class ModelRepository:
     async def poll(self) -> None:
         """Scan the whole repository: load new models/versions, retire removed ones."""
         async with self._lock:
-            found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME.fullmatch(p.name))
+            found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_valid_model_name(p.name))
             for name in found:
                 if name not in self.unloaded:
                     await self._sync_model(name)

@@ -18,12 +18,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-log = logging.getLogger(__name__)
+from serving.contract import IMAGE_SHAPE, INPUT_NAME, INPUT_SHAPE_TEXT, NUM_CLASSES, OUTPUT_NAME
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "probabilities"
-IMAGE_SHAPE = (1, 28, 28)
-NUM_CLASSES = 10
+log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -137,7 +134,7 @@ def _check_contract(session: ort.InferenceSession, path: Path) -> str | None:
     batch, *rest = image.shape or [None]
     if image.type != "tensor(uint8)" or tuple(rest) != IMAGE_SHAPE or isinstance(batch, int):
         raise ModelLoadError(
-            f"{path}: input {INPUT_NAME!r} must be uint8 [N,1,28,28] with dynamic N, "
+            f"{path}: input {INPUT_NAME!r} must be uint8 {INPUT_SHAPE_TEXT} with dynamic N, "
             f"found {image.type} {image.shape}"
         )
     probs = next((o for o in outputs if o.name == OUTPUT_NAME), None)
@@ -149,7 +146,8 @@ def _check_contract(session: ort.InferenceSession, path: Path) -> str | None:
     fixed_wrong = len(probs.shape) == 2 and isinstance(probs.shape[1], int) and probs.shape[1] != NUM_CLASSES
     if probs.type != "tensor(float)" or len(probs.shape) != 2 or fixed_wrong:
         raise ModelLoadError(
-            f"{path}: output {OUTPUT_NAME!r} must be float32 [N,10], found {probs.type} {probs.shape}"
+            f"{path}: output {OUTPUT_NAME!r} must be float32 [N, {NUM_CLASSES}], "
+            f"found {probs.type} {probs.shape}"
         )
     return batch if isinstance(batch, str) else None
 
@@ -249,14 +247,14 @@ class ModelSession:
         if probe.shape != (1, NUM_CLASSES) or probe.dtype != np.float32 or not np.isfinite(probe).all():
             raise ModelLoadError(
                 f"{self.path}: probe run on a blank image returned {probe.dtype} {list(probe.shape)} "
-                f"{probe.ravel()[:NUM_CLASSES]}, expected finite float32 [1,10] probabilities"
+                f"{probe.ravel()[:NUM_CLASSES]}, expected finite float32 [1, {NUM_CLASSES}] probabilities"
             )
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N,1,28,28] -> float32 probabilities [N,10]."""
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE or not len(images):
             raise ValueError(
-                f"expected uint8 [N,1,28,28] with N >= 1, got {images.dtype} {list(images.shape)}"
+                f"expected uint8 {INPUT_SHAPE_TEXT} with N >= 1, got {images.dtype} {list(images.shape)}"
             )
         images = np.ascontiguousarray(images)
         if self._buckets:

@@ -377,7 +377,7 @@ CONTRACT_BREAKERS = {
     "float-input": (dict(input_type=TensorProto.FLOAT), "uint8"),
     "fixed-batch": (dict(batch=1), "dynamic N"),
     "renamed-output": (dict(output="logits"), "probabilities"),
-    "five-classes": (dict(classes=5), "[N,10]"),
+    "five-classes": (dict(classes=5), "[N, 10]"),
 }
 
 

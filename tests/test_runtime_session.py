@@ -87,7 +87,7 @@ def test_conformant_model_loads_on_cpu_with_metadata(tmp_path: Path) -> None:
         ({"input_name": "pixels"}, "one input named 'images'"),
         ({"input_type": TensorProto.FLOAT}, "must be uint8"),
         ({"input_shape": (1, 1, 28, 28)}, "dynamic N"),
-        ({"input_shape": ("N", 28, 28)}, r"uint8 \[N,1,28,28\]"),
+        ({"input_shape": ("N", 28, 28)}, r"uint8 \[N, 1, 28, 28\]"),
         ({"classes": 5}, r"float32 \[N,10\]"),
         # Right signature, NaN probabilities: only the probe run at load can tell.
         ({"weight": float("nan")}, "probe run"),
@@ -142,7 +142,7 @@ def test_concurrent_callers_get_their_own_results(cnn_path: Path) -> None:
 def test_run_rejects_off_contract_arrays(cnn_path: Path) -> None:
     session = ModelSession(cnn_path, RuntimeOptions(device="cpu"))
     for bad in (IMAGES.astype(np.float32), IMAGES[:, 0], IMAGES[:0], IMAGES.reshape(37, 1, 784)):
-        with pytest.raises(ValueError, match=r"uint8 \[N,1,28,28\]"):
+        with pytest.raises(ValueError, match=r"uint8 \[N, 1, 28, 28\]"):
             session.run(bad)
     # Non-contiguous views are fine: run() makes them contiguous.
     np.testing.assert_allclose(session.run(IMAGES[::2]), session.run(IMAGES[::2].copy()), atol=1e-6)

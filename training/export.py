@@ -3,7 +3,6 @@ writer of a Triton-layout model repository:
 <repo>/<name>/config.pbtxt and <repo>/<name>/<version>/model.onnx."""
 
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -16,11 +15,18 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from serving.contract import (
+    IMAGE_SHAPE,
+    INPUT_NAME,
+    LABELS,
+    MODEL_NAME_RULE,
+    NUM_CLASSES,
+    OUTPUT_NAME,
+    is_valid_model_name,
+)
 from training.train import MEAN, STD
 
 OPSET = 18
-LABELS = ",".join(str(d) for d in range(10))
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 PARITY_TOL = 1e-5
 
 
@@ -43,18 +49,18 @@ class Servable(nn.Module):
 def to_onnx(net: nn.Module, metadata: dict[str, str]) -> bytes:
     """Export with the dynamo exporter (the TorchScript one is deprecated), batch dimension dynamic."""
     servable = Servable(net).cpu().eval()
-    example = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    example = torch.zeros(2, *IMAGE_SHAPE, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's chatter is not the user's concern
         program = torch.onnx.export(
             servable,
             (example,),
-            input_names=["images"],
-            output_names=["probabilities"],
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             opset_version=OPSET,
             dynamo=True,
-            dynamic_shapes={"images": {0: batch}},
+            dynamic_shapes={INPUT_NAME: {0: batch}},
             external_data=False,
             verbose=False,
         )
@@ -62,7 +68,7 @@ def to_onnx(net: nn.Module, metadata: dict[str, str]) -> bytes:
     # The dynamo exporter names the symbolic dimension after the Dim; make it the conventional "N".
     for value in (*model.graph.input, *model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "N"
-    for key, value in {"labels": LABELS, "variant": "fp32", **metadata}.items():
+    for key, value in {"labels": ",".join(LABELS), "variant": "fp32", **metadata}.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(model, full_check=True)
@@ -76,7 +82,7 @@ def check_parity(model_bytes: bytes, images: np.ndarray, expected: np.ndarray, b
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     worst, mismatched = 0.0, 0
     for i in range(0, len(images), batch):
-        (got,) = session.run(["probabilities"], {"images": images[i : i + batch, None]})
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch, None]})
         want = expected[i : i + batch]
         worst = max(worst, float(np.abs(got - want).max()))
         mismatched += int((got.argmax(1) != want.argmax(1)).sum())
@@ -98,16 +104,16 @@ max_batch_size: {max_batch_size}
 instance_group [ {{ count: {instances} }} ]
 input [
   {{
-    name: "images"
+    name: "{INPUT_NAME}"
     data_type: TYPE_UINT8
-    dims: [ 1, 28, 28 ]
+    dims: [ {", ".join(map(str, IMAGE_SHAPE))} ]
   }}
 ]
 output [
   {{
-    name: "probabilities"
+    name: "{OUTPUT_NAME}"
     data_type: TYPE_FP32
-    dims: [ 10 ]
+    dims: [ {NUM_CLASSES} ]
   }}
 ]
 dynamic_batching {{
@@ -117,10 +123,8 @@ dynamic_batching {{
 
 
 def check_name(name: str) -> None:
-    if not NAME_RE.fullmatch(name):
-        raise ExportError(
-            f"model name {name!r} is not allowed; use letters, digits, '_', '.', '-' (not leading)"
-        )
+    if not is_valid_model_name(name):
+        raise ExportError(f"model name {name!r} is not allowed; use {MODEL_NAME_RULE}")
 
 
 def check_writable(repo: Path) -> None:

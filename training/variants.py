@@ -17,7 +17,8 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from serving.runtime import CPU, INPUT_NAME, OUTPUT_NAME, resolve_device
+from serving.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
+from serving.runtime import CPU, resolve_device
 from training.data import MNIST
 from training.export import write_version
 
@@ -135,7 +136,7 @@ def ort_optimized(
 
 def predict(model: onnx.ModelProto, images: np.ndarray, provider: str = CPU, batch: int = 1000) -> np.ndarray:
     """Probabilities for uint8 images [N,28,28] or [N,1,28,28]."""
-    images = images.reshape(-1, 1, 28, 28)
+    images = images.reshape(-1, *IMAGE_SHAPE)
     session = ort.InferenceSession(model.SerializeToString(), providers=[provider])
     runs = [
         session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch]})[0]

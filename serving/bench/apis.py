@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from serving.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 from serving.proto.inference import grpc_service_pb2 as kserve_pb2
 from serving.proto.mnist.v1 import classify_pb2
 
@@ -61,14 +62,14 @@ def build_workload(
 
 def _kserve_request(model: str, version: str, batch: np.ndarray, rid: str) -> bytes:
     tensor = kserve_pb2.ModelInferRequest.InferInputTensor(
-        name="images", datatype="UINT8", shape=[len(batch), 1, 28, 28]
+        name=INPUT_NAME, datatype="UINT8", shape=[len(batch), *IMAGE_SHAPE]
     )
     request = kserve_pb2.ModelInferRequest(
         model_name=model,
         model_version=version,
         id=rid,
         inputs=[tensor],
-        outputs=[kserve_pb2.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")],
+        outputs=[kserve_pb2.ModelInferRequest.InferRequestedOutputTensor(name=OUTPUT_NAME)],
         raw_input_contents=[batch.tobytes()],
     )
     return request.SerializeToString()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.contract import IMAGE_SHAPE
 from serving.runtime import ModelSession, RuntimeOptions
 
 
@@ -53,7 +54,7 @@ def ort_ceiling(
     callers = callers or os.cpu_count() or 1
     points = []
     for size in batch_sizes:
-        batch = np.ascontiguousarray(images[np.arange(size) % len(images)].reshape(size, 1, 28, 28))
+        batch = np.ascontiguousarray(images[np.arange(size) % len(images)].reshape(size, *IMAGE_SHAPE))
         session.warm_up([size])
         single = _time_runs(session, batch, seconds)
         total = _parallel_images_per_s(session, batch, seconds, callers)
