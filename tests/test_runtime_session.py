@@ -88,7 +88,7 @@ def test_conformant_model_loads_on_cpu_with_metadata(tmp_path: Path) -> None:
         ({"input_type": TensorProto.FLOAT}, "must be uint8"),
         ({"input_shape": (1, 1, 28, 28)}, "dynamic N"),
         ({"input_shape": ("N", 28, 28)}, r"uint8 \[N, 1, 28, 28\]"),
-        ({"classes": 5}, r"float32 \[N,10\]"),
+        ({"classes": 5}, r"float32 \[N, 10\]"),
         # Right signature, NaN probabilities: only the probe run at load can tell.
         ({"weight": float("nan")}, "probe run"),
     ],
