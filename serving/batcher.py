@@ -24,6 +24,7 @@ import numpy as np
 
 from serving.errors import RequestError
 from serving.metrics import ModelMetrics
+from serving.statistics import VersionStatistics
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Batcher:
         max_queue_delay_us: int,
         max_queue_images: int,
         metrics: ModelMetrics,
+        statistics: VersionStatistics,
         instances: int = 1,
     ) -> None:
         if max_batch_size < 1:
@@ -69,6 +71,7 @@ class Batcher:
         self.max_queue_images = max_queue_images
         self._run = run
         self._metrics = metrics
+        self._statistics = statistics
         self._loop = asyncio.get_running_loop()
         self._pending: deque[_Pending] = deque()
         self._pending_images = 0
@@ -179,8 +182,9 @@ class Batcher:
         return batch, expired
 
     def _compute(self, batch: list[_Pending]) -> None:
-        images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
         started = time.monotonic()
+        images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+        concatenated = time.monotonic()
         try:
             probabilities = self._run(images)
             if probabilities.shape != (len(images), 10):
@@ -189,16 +193,20 @@ class Batcher:
             error = RequestError(grpc.StatusCode.INTERNAL, f"model {self.name}: inference failed: {e}")
             self._loop.call_soon_threadsafe(self._fail, batch, error)
             return
-        compute = time.monotonic() - started
+        computed = time.monotonic()
+        compute = computed - concatenated
         self._metrics.compute_latency.observe(compute)
         self._metrics.batch_size.observe(len(images))
         for p in batch:
             self._metrics.queue_latency.observe(started - p.enqueued)
-        self._loop.call_soon_threadsafe(self._deliver, batch, probabilities, started, compute)
+        input_ns = int((concatenated - started) * 1e9)
+        self._loop.call_soon_threadsafe(self._deliver, batch, probabilities, started, compute, input_ns)
 
     # -- back on the event loop -------------------------------------------------------------------------
-    @staticmethod
-    def _deliver(batch: list[_Pending], probabilities: np.ndarray, started: float, compute: float) -> None:
+    def _deliver(
+        self, batch: list[_Pending], probabilities: np.ndarray, started: float, compute: float, input_ns: int
+    ) -> None:
+        split = time.perf_counter_ns()
         offset = 0
         for p in batch:
             n = len(p.images)
@@ -207,6 +215,8 @@ class Batcher:
                     BatchResult(probabilities[offset : offset + n], started - p.enqueued, compute)
                 )
             offset += n
+        output_ns = time.perf_counter_ns() - split
+        self._statistics.record_batch(len(probabilities), input_ns, int(compute * 1e9), output_ns)
 
     @staticmethod
     def _fail(batch: list[_Pending], error: RequestError) -> None:

@@ -3,31 +3,23 @@
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
+from serving.config import ServerConfig
 from serving.contract import IMAGE_PIXELS, IMAGE_SHAPE, IMAGE_SIDE
-from serving.errors import RequestError, reject
+from serving.errors import RequestError
 from serving.images import ImageError, decode_image
-from serving.kserve import StreamReaders, deadline_of, pipelined
-from serving.metrics import Metrics
 from serving.proto.mnist.v1 import classify_pb2 as pb
 from serving.proto.mnist.v1 import classify_pb2_grpc
 from serving.repository import ModelRepository
+from serving.rpc import Handling, StreamReaders, deadline_of, pipelined
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_images: int = 1024  # per request
-    max_image_bytes: int = 4 * 1024 * 1024  # per encoded image
-    max_image_pixels: int = 4096 * 4096  # declared width x height of an encoded image
-
-
-def decode_images(images, limits: Limits) -> np.ndarray:
+def decode_images(images, limits: ServerConfig) -> np.ndarray:
     """Request images -> uint8 [N,1,28,28]; RequestError names the offending image index."""
     batch = np.empty((len(images), *IMAGE_SHAPE), np.uint8)
     for i, image in enumerate(images):
@@ -71,29 +63,17 @@ def prediction(probabilities: np.ndarray, top_k: int) -> pb.Prediction:
 
 class ClassifierServicer(classify_pb2_grpc.ClassifierServicer):
     def __init__(
-        self,
-        repository: ModelRepository,
-        metrics: Metrics,
-        limits: Limits,
-        streams: StreamReaders | None = None,
+        self, repository: ModelRepository, handling: Handling, limits: ServerConfig, streams: StreamReaders
     ) -> None:
         self.repository = repository
-        self.streams = streams or StreamReaders()
-        self.metrics = metrics
+        self.handling = handling
         self.limits = limits
+        self.streams = streams
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        start = time.perf_counter()
-        self.metrics.inflight.inc()
-        try:
-            response = await self._classify(request, deadline_of(context))
-        except RequestError as e:
-            self._count(request.model, e.code.name, start)
-            return reject(context, e)
-        finally:
-            self.metrics.inflight.dec()
-        self._count(request.model, "OK", start)
-        return response
+        return await self.handling.unary(
+            context, request.model, request.version, self._classify(request, deadline_of(context))
+        )
 
     async def ClassifyStream(
         self, requests: AsyncIterator[pb.ClassifyRequest], context
@@ -102,32 +82,27 @@ class ClassifierServicer(classify_pb2_grpc.ClassifierServicer):
 
         async def answer(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
             # A bad request gets `error` and the stream goes on.
-            start = time.perf_counter()
-            self.metrics.inflight.inc()
-            try:
-                response = await self._classify(request, deadline)
-            except RequestError as e:
-                self._count(request.model, e.code.name, start)
+            work = self._classify(request, deadline)
+            outcome = await self.handling.run(request.model, request.version, work)
+            if isinstance(outcome, RequestError):
                 return pb.ClassifyStreamResponse(
-                    error=pb.Error(code=e.code.value[0], message=e.message), id=request.id
+                    error=pb.Error(code=outcome.code.value[0], message=outcome.message), id=request.id
                 )
-            finally:
-                self.metrics.inflight.dec()
-            self._count(request.model, "OK", start)
-            return pb.ClassifyStreamResponse(response=response, id=request.id)
+            return pb.ClassifyStreamResponse(response=outcome, id=request.id)
 
         async for response in pipelined(requests, answer, self.streams):
             yield response
 
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        start = time.perf_counter_ns()
         loaded = self.repository.get(request.model, request.version)
         n = len(request.images)
         if n == 0:
             raise RequestError(INVALID, "no images in the request: send at least one")
-        if n > self.limits.max_images:
+        if n > self.limits.max_images_per_request:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{n} images in one request, above the limit of {self.limits.max_images}",
+                f"{n} images in one request, above the limit of {self.limits.max_images_per_request}",
             )
         if request.top_k > 10:
             raise RequestError(INVALID, f"top_k is {request.top_k}: expected 1..10 (0 means 1)")
@@ -136,9 +111,11 @@ class ClassifierServicer(classify_pb2_grpc.ClassifierServicer):
             images = await asyncio.to_thread(decode_images, request.images, self.limits)
         else:
             images = decode_images(request.images, self.limits)
+        decoded = time.perf_counter_ns()
         result = await loaded.batcher.submit(images, deadline)
+        answered = time.perf_counter_ns()
         top_k = request.top_k or 1
-        return pb.ClassifyResponse(
+        response = pb.ClassifyResponse(
             model=loaded.name,
             version=str(loaded.version),
             id=request.id,
@@ -146,7 +123,9 @@ class ClassifierServicer(classify_pb2_grpc.ClassifierServicer):
             queue_time_us=int(result.queue_seconds * 1e6),
             compute_time_us=int(result.compute_seconds * 1e6),
         )
-
-    def _count(self, model: str, status: str, start: float) -> None:
-        model = model if model in self.repository.models else "unknown"  # bounded label cardinality
-        self.metrics.request_done(model, "classify", status, time.perf_counter() - start)
+        done = time.perf_counter_ns()
+        loaded.statistics.record_success(
+            n, done - start, int(result.queue_seconds * 1e9), decoded - start,
+            int(result.compute_seconds * 1e9), done - answered,
+        )  # fmt: skip
+        return response

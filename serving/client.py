@@ -9,6 +9,7 @@ are converted here with the same rule (serving.images.to_mnist) and sent as 28x2
 """
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,6 +20,8 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from serving.channels import DEFAULT_CONNECTIONS, MAX_MESSAGE_BYTES, open_channel
+from serving.commandline import HelpFormatter, number
 from serving.contract import IMAGE_PIXELS
 from serving.images import to_mnist
 from serving.proto.mnist.v1 import classify_pb2 as pb
@@ -27,15 +30,6 @@ from serving.security import SecurityConfigError, channel_credentials, read_toke
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 ImageLike = str | Path | bytes | np.ndarray | Image.Image
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults in --help, except for unset options and flags (`(default: None)` says nothing)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, "") or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 @dataclass(frozen=True)
@@ -94,6 +88,9 @@ CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 class MnistClient:
+    """Thread-safe. Calls go round-robin over `connections` channels (see serving.channels), so the load
+    of one client spreads over a server's worker processes and, with a multi-address target, its replicas."""
+
     def __init__(
         self,
         target: str = "localhost:8001",
@@ -105,19 +102,14 @@ class MnistClient:
         tls_key: Path | None = None,
         tls: bool = False,
         token: str | None = None,
-        max_message_bytes: int = 16 * 1024 * 1024,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        connections: int = DEFAULT_CONNECTIONS,
     ) -> None:
-        options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
-        if tls or tls_ca or tls_cert:
-            self.channel = grpc.secure_channel(
-                target, channel_credentials(tls_ca, tls_cert, tls_key), options
-            )
-        else:
-            self.channel = grpc.insecure_channel(target, options)
-        self.stub = classify_pb2_grpc.ClassifierStub(self.channel)
+        if connections < 1:
+            raise ValueError(f"connections must be >= 1, got {connections}")
+        credentials = channel_credentials(tls_ca, tls_cert, tls_key) if tls or tls_ca or tls_cert else None
+        self.channels = [open_channel(target, max_message_bytes, credentials) for _ in range(connections)]
+        self._stubs = itertools.cycle([classify_pb2_grpc.ClassifierStub(c) for c in self.channels])
         self.model = model
         self.timeout = timeout
         self.metadata = [("authorization", f"Bearer {token}")] if token else None
@@ -133,7 +125,8 @@ class MnistClient:
         request = pb.ClassifyRequest(
             model=self.model, version=version, top_k=top_k, images=[to_image_message(i) for i in images]
         )
-        return from_response(self.stub.Classify(request, timeout=self.timeout, metadata=self.metadata))
+        stub = next(self._stubs)
+        return from_response(stub.Classify(request, timeout=self.timeout, metadata=self.metadata))
 
     def classify_each(
         self, images: Iterable[ImageLike], top_k: int = 3, version: str = ""
@@ -143,7 +136,8 @@ class MnistClient:
             pb.ClassifyRequest(model=self.model, version=version, top_k=top_k, images=[to_image_message(i)])
             for i in images
         )
-        for response in self.stub.ClassifyStream(requests, timeout=self.timeout, metadata=self.metadata):
+        stub = next(self._stubs)
+        for response in stub.ClassifyStream(requests, timeout=self.timeout, metadata=self.metadata):
             if response.HasField("error"):
                 yield StreamError(
                     CODE_NAMES.get(response.error.code, str(response.error.code)), response.error.message
@@ -152,7 +146,8 @@ class MnistClient:
                 yield from_response(response.response)
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self.channels:
+            channel.close()
 
     def __enter__(self) -> "MnistClient":
         return self
@@ -181,7 +176,7 @@ def format_row(path: Path, prediction: Prediction, as_json: bool) -> str:
     return f"{path}\t{prediction.label}\t{prediction.confidence:.4f}\t{top}"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mnist-predict",
         description="Classify image files (PNG, JPEG, BMP, ...) with an mnist-serve server. "
@@ -189,20 +184,31 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR", help="image files or directories")
-    p.add_argument("--server", default="localhost:8001", help="HOST:PORT of mnist-serve")
+    p.add_argument(
+        "--server",
+        default="localhost:8001",
+        help="gRPC target: HOST:PORT, dns:///NAME:PORT (every address, round-robin) or ipv4:A:PORT,B:PORT",
+    )
     p.add_argument("--model", default="mnist", help="model name in the server's repository")
     p.add_argument("--version", default="", help="model version (default: the newest)")
-    p.add_argument("--top-k", type=int, default=3, help="alternatives listed per image (1-10)")
+    p.add_argument("--top-k", type=number(int), default=3, help="alternatives listed per image (1-10)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole run")
+    p.add_argument("--timeout", type=number(float), default=30.0, help="seconds for the whole run (0-86400]")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
     p.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server certificate (implies --tls)")
     p.add_argument("--tls-cert", type=Path, help="PEM client certificate for mutual TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     a = p.parse_args(argv)
     if not 1 <= a.top_k <= 10:
-        p.error("--top-k must be within 1..10")
+        p.error(f"--top-k must be within 1..10, got {a.top_k}")
+    if not 0 < a.timeout <= 86_400:
+        p.error(f"--timeout must be within (0, 86400] seconds, got {a.timeout}")
 
     failed = False
     payloads: list[tuple[Path, bytes]] = []
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         token = read_token(a.token_file) if a.token_file else None
         client = MnistClient(
             a.server, model=a.model, timeout=a.timeout, tls=a.tls, tls_ca=a.tls_ca, tls_cert=a.tls_cert,
-            tls_key=a.tls_key, token=token,
+            tls_key=a.tls_key, token=token, connections=1,  # one stream: one connection
         )  # fmt: skip
     except SecurityConfigError as e:
         print(f"mnist-predict: error: {e}", file=sys.stderr)

@@ -5,99 +5,26 @@ pixel values, rounded to uint8), as raw_input_contents (fast path: one np.frombu
 contents; it answers `probabilities` FP32 [N,10] as raw_output_contents, like Triton.
 """
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from importlib.metadata import version as package_version
-from typing import TypeVar
 
 import grpc
 import numpy as np
 
 from serving.contract import IMAGE_PIXELS, IMAGE_SHAPE, INPUT_NAME, INPUT_SHAPE_TEXT, NUM_CLASSES, OUTPUT_NAME
+from serving.control import Control
 from serving.errors import RequestError, reject
-from serving.metrics import Metrics
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
 from serving.repository import ModelRepository
+from serving.rpc import Handling, StreamReaders, deadline_of, pipelined
+from serving.statistics import to_proto
 
 SERVER_NAME = "mnist-serve"
-EXTENSIONS = ["model_repository", "model_configuration"]
+EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
 BYTES_PER_IMAGE = {"UINT8": IMAGE_PIXELS, "FP32": 4 * IMAGE_PIXELS}
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
-class StreamReaders:
-    """The reading side of every open stream, so that a shutdown can stop them: each stream then
-    answers the requests it has read and ends with OK (a request it never read was never accepted).
-    Otherwise streams would be read until the grace period ran out, then cancelled mid-request."""
-
-    def __init__(self) -> None:
-        self._reading: set[asyncio.Task] = set()
-        self.closed = False
-
-    def add(self, reader: asyncio.Task) -> None:
-        if self.closed:
-            reader.cancel()
-            return
-        self._reading.add(reader)
-        reader.add_done_callback(self._reading.discard)
-
-    def close(self) -> None:
-        self.closed = True
-        for reader in list(self._reading):
-            reader.cancel()
-
-
-async def pipelined(
-    requests: AsyncIterator[Request],
-    answer: Callable[[Request], Awaitable[Response]],
-    readers: StreamReaders,
-    depth: int = 64,
-) -> AsyncIterator[Response]:
-    """Answer a stream's requests concurrently, so a client pipelining on one stream gets batched,
-    but yield the responses in request order. At most `depth` requests of one stream are in flight
-    (then the stream stops being read: flow control pushes back on the client). `answer` must not raise.
-    """
-    started: asyncio.Queue = asyncio.Queue()
-    slots = asyncio.Semaphore(depth)
-
-    async def read() -> None:
-        # readers.close() cancels this while it waits for a slot or for the next request, never between
-        # reading a request and queueing its answer: nothing read goes unanswered.
-        try:
-            iterator = aiter(requests)
-            while True:
-                await slots.acquire()
-                try:
-                    request = await anext(iterator)
-                except StopAsyncIteration:
-                    return
-                started.put_nowait(asyncio.ensure_future(answer(request)))
-        finally:
-            started.put_nowait(None)
-
-    reader = asyncio.ensure_future(read())
-    readers.add(reader)
-    try:
-        while (task := await started.get()) is not None:
-            yield await task
-            slots.release()
-        if not reader.cancelled():  # cancelled = stopped by a shutdown: the stream ends with OK
-            await reader  # re-raises if the request stream broke
-    finally:
-        reader.cancel()
-        while not started.empty():
-            task = started.get_nowait()
-            if task is not None:
-                task.cancel()
 
 
 def decode_tensor(request: pb.ModelInferRequest, max_images: int) -> np.ndarray:
@@ -162,31 +89,28 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         repository: ModelRepository,
-        metrics: Metrics,
+        handling: Handling,
+        control: Control,
         max_images: int,
         provider: str,
-        streams: StreamReaders | None = None,
+        streams: StreamReaders,
     ) -> None:
         self.repository = repository
-        self.streams = streams or StreamReaders()
-        self.metrics = metrics
+        self.handling = handling
+        self.control = control
+        self.streams = streams
         self.max_images = max_images
         self.extensions = [*EXTENSIONS, f"onnxruntime_provider:{provider}"]
         self.version = package_version("mnist-serving")
-        self.live = True
 
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=self.live)
+        return pb.ServerLiveResponse(live=True)  # this process answers: it is live
 
     async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.live and self.repository.ready)
+        return pb.ServerReadyResponse(ready=self.repository.ready)
 
     async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
-        try:
-            self.repository.get(request.name, request.version)
-        except RequestError:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=self.repository.find(request.name, request.version) is not None)
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=self.extensions)
@@ -196,11 +120,10 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             loaded = self.repository.get(request.name, request.version)
         except RequestError as e:
             return reject(context, e)
-        versions = self.repository.models[loaded.name].versions
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=loaded.name,
-            versions=[str(v) for v in sorted(versions)],
+            versions=[str(v) for v in self.repository.versions(loaded.name)],
             platform=loaded.config.platform or "onnxruntime_onnx",
             inputs=[tensor(name=INPUT_NAME, datatype="UINT8", shape=[-1, *IMAGE_SHAPE])],
             outputs=[tensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, NUM_CLASSES])],
@@ -213,19 +136,19 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             return reject(context, e)
         return pb.ModelConfigResponse(config=loaded.config)
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        start = time.perf_counter()
-        self.metrics.inflight.inc()
-        name = request.model_name
+    async def ModelStatistics(self, request, context) -> pb.ModelStatisticsResponse:
         try:
-            response = await self._infer(request, deadline_of(context))
+            if request.name:
+                self.repository.get(request.name, request.version)  # NOT_FOUND unless it is served
+            rows = await self.control.statistics(request.name, request.version)
         except RequestError as e:
-            self._count(name, e.code.name, start)
             return reject(context, e)
-        finally:
-            self.metrics.inflight.dec()
-        self._count(name, "OK", start)
-        return response
+        return pb.ModelStatisticsResponse(model_stats=[to_proto(*row) for row in rows])
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        return await self.handling.unary(
+            context, request.model_name, request.model_version, self._infer(request, deadline_of(context))
+        )
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context
@@ -234,51 +157,47 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             # A bad request gets error_message and the stream goes on.
-            start = time.perf_counter()
-            self.metrics.inflight.inc()
-            try:
-                response = await self._infer(request, deadline)
-            except RequestError as e:
-                self._count(request.model_name, e.code.name, start)
+            outcome = await self.handling.run(
+                request.model_name, request.model_version, self._infer(request, deadline)
+            )
+            if isinstance(outcome, RequestError):
                 return pb.ModelStreamInferResponse(
-                    error_message=f"{e.code.name}: {e.message}",
+                    error_message=f"{outcome.code.name}: {outcome.message}",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name[:128], id=request.id),
                 )
-            finally:
-                self.metrics.inflight.dec()
-            self._count(request.model_name, "OK", start)
-            return pb.ModelStreamInferResponse(infer_response=response)
+            return pb.ModelStreamInferResponse(infer_response=outcome)
 
         async for response in pipelined(requests, answer, self.streams):
             yield response
 
     async def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
-        index = pb.RepositoryIndexResponse()
-        for name in sorted(p.name for p in self.repository.root.iterdir() if p.is_dir()):
-            loaded = self.repository.models.get(name)
-            if loaded and loaded.versions:
-                for v in sorted(loaded.versions):
-                    index.models.add(name=name, version=str(v), state="READY")
-            elif not request.ready:
-                reason = "unloaded" if name in self.repository.unloaded else "no loadable version"
-                index.models.add(name=name, state="UNAVAILABLE", reason=reason)
-        return index
+        entries = await self.repository.index()
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=e.name, version=e.version, state=e.state, reason=e.reason
+                )
+                for e in entries
+                if e.state == "READY" or not request.ready
+            ]
+        )
 
     async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
         try:
-            await self.repository.load(request.model_name)
+            await self.control.load(request.model_name)
         except RequestError as e:
             return reject(context, e)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
         try:
-            await self.repository.unload(request.model_name)
+            await self.control.unload(request.model_name)
         except RequestError as e:
             return reject(context, e)
         return pb.RepositoryModelUnloadResponse()
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        start = time.perf_counter_ns()
         loaded = self.repository.get(request.model_name, request.model_version)
         for output in request.outputs:
             if output.name != OUTPUT_NAME:
@@ -286,9 +205,11 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     INVALID, f"unknown output {output.name[:80]!r}: the only output is {OUTPUT_NAME!r}"
                 )
         images = decode_tensor(request, self.max_images)
+        decoded = time.perf_counter_ns()
         result = await loaded.batcher.submit(images, deadline)
+        answered = time.perf_counter_ns()
         probabilities = result.probabilities
-        return pb.ModelInferResponse(
+        response = pb.ModelInferResponse(
             model_name=loaded.name,
             model_version=str(loaded.version),
             id=request.id,
@@ -299,7 +220,9 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             ],
             raw_output_contents=[probabilities.tobytes()],
         )
-
-    def _count(self, model: str, status: str, start: float) -> None:
-        model = model if model in self.repository.models else "unknown"  # bounded label cardinality
-        self.metrics.request_done(model, "kserve", status, time.perf_counter() - start)
+        done = time.perf_counter_ns()
+        loaded.statistics.record_success(
+            len(images), done - start, int(result.queue_seconds * 1e9), decoded - start,
+            int(result.compute_seconds * 1e9), done - answered,
+        )  # fmt: skip
+        return response

@@ -1,6 +1,10 @@
-"""Prometheus metrics (names shared with mnist-bench, see SPEC) and their HTTP endpoint.
+"""Prometheus metrics and their HTTP endpoint. mnist-bench reads these names (serving/bench/server_metrics.py)
+and the Kubernetes autoscaler rule reads mnist_inflight_requests (deploy/kubernetes/).
 
-Each Server gets its own CollectorRegistry so several servers can live in one process (tests).
+Each Server gets its own CollectorRegistry so several servers can live in one process (tests). With several
+worker processes, prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the supervisor)
+keeps every worker's values in files that the supervisor's one endpoint sums; `worker` labels the requests
+counter so the share each worker takes is visible, and the gauges say how they combine across workers.
 Hot-path updates use label children resolved once per model: a labels() lookup per request costs more
 than the observation itself.
 """
@@ -15,15 +19,16 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, worker: int = 0) -> None:
+        self.worker = str(worker)
         self.registry = CollectorRegistry()
         r = self.registry
         # process_cpu_seconds_total and resident memory: mnist-bench reads server CPU per request from it.
         ProcessCollector(registry=r)
         self.requests = Counter(
             "mnist_requests",
-            "Requests answered, by model, API and gRPC status.",
-            ["model", "api", "status"],
+            "Requests answered, by model, API, gRPC status and worker process.",
+            ["model", "api", "status", "worker"],
             registry=r,
         )
         self.request_latency = Histogram(
@@ -41,8 +46,13 @@ class Metrics:
         self.batch_size = Histogram(
             "mnist_batch_size", "Images per ONNX Runtime run.", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("mnist_queue_depth", "Images waiting for a batch.", ["model"], registry=r)
-        self.inflight = Gauge("mnist_inflight_requests", "Requests being handled.", registry=r)
+        self.queue_depth = Gauge(
+            "mnist_queue_depth", "Images waiting for a batch.", ["model"],
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "mnist_inflight_requests", "Requests being handled.", registry=r, multiprocess_mode="livesum"
+        )
         self.dropped = Counter(
             "mnist_requests_dropped", "Requests dropped before compute.", ["model", "reason"], registry=r
         )
@@ -54,7 +64,10 @@ class Metrics:
         key = (model, api, status)
         children = self._children.get(key)
         if children is None:
-            children = (self.requests.labels(model, api, status), self.request_latency.labels(model, api))
+            children = (
+                self.requests.labels(model, api, status, self.worker),
+                self.request_latency.labels(model, api),
+            )
             self._children[key] = children
         children[0].inc()
         if status == "OK":

@@ -5,9 +5,11 @@
 
 Every version found is loaded (or those config.pbtxt's version_policy selects); versions are immutable
 once written (the exporter writes a new one) and config.pbtxt is read when a version loads.
-load() / poll() load versions that appeared (load + warm before they become visible, so the swap is one
-dict assignment and in-flight requests keep the batcher they started on) and retire versions that
-disappeared. A version that fails to load is logged once, remembered, and does not replace anything.
+Every change happens in two steps: prepare() loads and warms what appeared, without making it visible,
+and works out what to retire; commit() then publishes it with one dict assignment per model (in-flight
+requests keep the batcher they started on) and drains what was retired. A server with several worker
+processes prepares in all of them before any commits, so every worker serves the same versions
+(serving.control). A version that fails to load is logged once, remembered, and replaces nothing.
 Names are validated and every path is resolved inside the repository, so `..`, absolute names and
 symlinks pointing out are refused.
 """
@@ -23,6 +25,7 @@ import grpc
 from google.protobuf import text_format
 
 from serving.batcher import Batcher
+from serving.config import ServerConfig
 from serving.contract import (
     IMAGE_SHAPE,
     INPUT_NAME,
@@ -34,7 +37,8 @@ from serving.contract import (
 from serving.errors import RequestError
 from serving.metrics import Metrics
 from serving.proto.inference import model_config_pb2
-from serving.runtime import DeviceError, ModelLoadError, ModelSession, RuntimeOptions
+from serving.runtime import DeviceError, ModelLoadError, ModelSession
+from serving.statistics import VersionStatistics
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +51,6 @@ class RepositoryError(Exception):
     """A model directory or config.pbtxt that cannot be served (message names the file)."""
 
 
-@dataclass(frozen=True)
-class Overrides:
-    """Command-line settings that replace config.pbtxt values for every model (None = keep)."""
-
-    max_batch_size: int | None = None
-    max_queue_delay_us: int | None = None
-    max_queue_images: int = 4096
-
-
 @dataclass
 class LoadedVersion:
     name: str
@@ -63,6 +58,7 @@ class LoadedVersion:
     config: model_config_pb2.ModelConfig
     session: ModelSession
     batcher: Batcher
+    statistics: VersionStatistics
 
 
 @dataclass
@@ -72,6 +68,37 @@ class LoadedModel:
     @property
     def newest(self) -> LoadedVersion:
         return self.versions[max(self.versions)]
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One row of RepositoryIndex: a loaded version (READY), or a model on disk that is not served."""
+
+    name: str
+    version: str
+    state: str  # READY | UNAVAILABLE
+    reason: str = ""
+
+
+@dataclass
+class Plan:
+    """A prepared repository change: new versions loaded and warm but not visible, versions to retire, and
+    what the request that asked for it (load, unload) must be told once it is committed."""
+
+    add: dict[str, dict[int, LoadedVersion]] = field(default_factory=dict)
+    retire: dict[str, set[int]] = field(default_factory=dict)
+    unload: set[str] = field(default_factory=set)  # names to mark explicitly unloaded
+    reload: set[str] = field(default_factory=set)  # names no longer explicitly unloaded
+    outcome: RequestError | None = None
+
+    def served_after(self, current: dict[str, LoadedModel]) -> dict[str, set[int]]:
+        names = set(current) | set(self.add)
+        served = {
+            name: (set(current[name].versions) if name in current else set()) - self.retire.get(name, set())
+            | set(self.add.get(name, {}))
+            for name in names
+        }
+        return {name: versions for name, versions in served.items() if versions}
 
 
 def validate_name(name: str, what: str = "model name") -> str:
@@ -137,27 +164,24 @@ def select_versions(policy: model_config_pb2.ModelVersionPolicy, versions: set[i
 class ModelRepository:
     def __init__(
         self,
-        root: Path,
-        options: RuntimeOptions,
-        overrides: Overrides,
+        config: ServerConfig,
         metrics: Metrics,
         on_change: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
-        self.root = Path(root).resolve()
+        self.root = config.repo.resolve()
         if not self.root.is_dir():
-            raise RepositoryError(f"model repository {root} is not a directory")
-        self.options = options
-        self.overrides = overrides
+            raise RepositoryError(f"model repository {config.repo} is not a directory")
+        self.config = config
         self.metrics = metrics
-        self.models: dict[str, LoadedModel] = {}
-        self.failed: dict[Path, str] = {}  # model file or config -> why it was refused (not retried)
-        self.unloaded: set[str] = set()  # explicitly unloaded: poll() leaves them alone
-        self.on_change = on_change  # awaited with `ready` after every poll/load/unload (health status)
-        self._lock = asyncio.Lock()  # one load/poll at a time
+        self._models: dict[str, LoadedModel] = {}
+        self._failed: dict[Path, str] = {}  # model file or config -> why it was refused (not retried)
+        self._unloaded: set[str] = set()  # explicitly unloaded: a scan leaves them alone
+        self.on_change = on_change  # awaited with `ready` after every change (health status)
+        self.lock = asyncio.Lock()  # one change at a time (prepare + commit)
 
     # -- lookups (hot path) --------------------------------------------------------------------------
     def get(self, name: str, version: str = "") -> LoadedVersion:
-        model = self.models.get(name)
+        model = self._models.get(name)
         if model is None or not model.versions:
             validate_name(name)
             raise RequestError(
@@ -174,107 +198,187 @@ class ModelRepository:
             )
         return loaded
 
+    def find(self, name: str, version: str = "") -> LoadedVersion | None:
+        try:
+            return self.get(name, version)
+        except RequestError:
+            return None
+
+    def known(self, name: str) -> bool:
+        return name in self._models
+
+    def versions(self, name: str) -> list[int]:
+        model = self._models.get(name)
+        return sorted(model.versions) if model else []
+
+    def loaded(self) -> list[LoadedVersion]:
+        return [lv for name in sorted(self._models) for _, lv in sorted(self._models[name].versions.items())]
+
     def names(self) -> list[str]:
-        return sorted(name for name, model in self.models.items() if model.versions)
+        return sorted(name for name, model in self._models.items() if model.versions)
+
+    def served(self) -> dict[str, list[int]]:
+        """name -> the versions this process serves."""
+        return {name: self.versions(name) for name in self.names()}
+
+    @property
+    def unloaded(self) -> set[str]:
+        return set(self._unloaded)
 
     @property
     def ready(self) -> bool:
-        return bool(self.names())
+        return bool(self._models)
 
-    # -- loading --------------------------------------------------------------------------------------
+    async def index(self) -> list[IndexEntry]:
+        """Every model directory on disk, with its served versions or why none is served."""
+        on_disk = await asyncio.to_thread(self._model_dirs)
+        entries = []
+        for name in sorted(set(on_disk) | set(self._models)):
+            versions = self.versions(name)
+            if versions:
+                entries += [IndexEntry(name, str(v), "READY") for v in versions]
+            else:
+                reason = (
+                    "unloaded" if name in self._unloaded else self._refusal(name) or "no loadable version"
+                )
+                entries.append(IndexEntry(name, "", "UNAVAILABLE", reason))
+        return entries
+
+    # -- changes in one process: prepare and commit under the lock ---------------------------------------
     async def poll(self) -> None:
-        """Scan the whole repository: load new models/versions, retire removed ones."""
-        async with self._lock:
-            found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_valid_model_name(p.name))
-            for name in found:
-                if name not in self.unloaded:
-                    await self._sync_model(name)
-            for name in set(self.models) - set(found):
-                await self._retire(name, list(self.models[name].versions))
-        await self._changed()
+        """Scan the whole repository: load new models and versions, retire removed ones."""
+        async with self.lock:
+            await self.commit(await self.prepare_scan())
 
     async def load(self, name: str) -> None:
-        """Load (or reload) one model by name, also one that was unloaded."""
-        validate_name(name)
-        async with self._lock:
-            self.unloaded.discard(name)
-            if not (self.root / name).is_dir():
-                raise RequestError(
-                    grpc.StatusCode.NOT_FOUND, f"no model directory {name!r} in the repository"
-                )
-            await self._sync_model(name)
-        await self._changed()
-        model_dir = self.root / name
-        refused = {path: reason for path, reason in self.failed.items() if path.is_relative_to(model_dir)}
-        if name not in self.models or not self.models[name].versions:
-            raise RequestError(
-                grpc.StatusCode.INTERNAL, f"model {name!r} failed to load: {'; '.join(refused.values())}"
-            )
-        # The old version keeps serving, but the caller asked for what is on disk: say it was not loaded.
-        newest = max(self.models[name].versions)
-        newer = [
-            reason
-            for path, reason in refused.items()
-            if path.name == CONFIG_FILE or (path.parent.name.isdigit() and int(path.parent.name) > newest)
-        ]
-        if newer:
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"model {name!r} still serves version {newest}; refused: {'; '.join(newer)}",
-            )
+        """Load (or reload) one model by name, also one that was unloaded; RequestError says what failed."""
+        async with self.lock:
+            await self.commit(await self.prepare_load(name))
 
     async def unload(self, name: str) -> None:
-        validate_name(name)
-        async with self._lock:
-            if name not in self.models:
-                raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {name!r} is not loaded")
-            self.unloaded.add(name)
-            await self._retire(name, list(self.models[name].versions))
-        await self._changed()
+        async with self.lock:
+            await self.commit(await self.prepare_unload(name))
 
     async def close(self) -> None:
-        async with self._lock:
-            for name in list(self.models):
-                await self._retire(name, list(self.models[name].versions))
+        async with self.lock:
+            await self.commit(Plan(retire={name: set(m.versions) for name, m in self._models.items()}))
 
-    async def _changed(self) -> None:
+    # -- the two steps --------------------------------------------------------------------------------
+    async def prepare_scan(self, served: dict[str, list[int]] | None = None) -> Plan:
+        """Every model on disk that is not explicitly unloaded; with `served`, exactly those versions of
+        those models (a restarted worker joining the others)."""
+        plan = Plan()
+        on_disk = await asyncio.to_thread(self._model_dirs)
+        wanted = served.keys() if served is not None else [n for n in on_disk if n not in self._unloaded]
+        for name in sorted(wanted):
+            pinned = set(served[name]) if served is not None else None
+            await self._prepare_model(name, plan, pinned)
+        keep = set(on_disk) if served is None else set(on_disk) & set(served)
+        for name in set(self._models) - keep:
+            plan.retire[name] = set(self._models[name].versions)
+        return plan
+
+    async def prepare_load(self, name: str) -> Plan:
+        validate_name(name)
+        plan = Plan(reload={name})
+        if not await asyncio.to_thread((self.root / name).is_dir):
+            plan.outcome = RequestError(
+                grpc.StatusCode.NOT_FOUND, f"no model directory {name!r} in the repository"
+            )
+            return plan
+        refused = await self._prepare_model(name, plan)
+        served = plan.served_after(self._models).get(name, set())
+        if not served:
+            plan.outcome = RequestError(
+                grpc.StatusCode.INTERNAL, f"model {name!r} failed to load: {'; '.join(refused.values())}"
+            )
+        elif newer := {v: why for v, why in refused.items() if v is None or v > max(served)}:
+            # The old version keeps serving, but the caller asked for what is on disk: say it was not loaded.
+            plan.outcome = RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {name!r} still serves version {max(served)}; refused: {'; '.join(newer.values())}",
+            )
+        return plan
+
+    async def prepare_unload(self, name: str) -> Plan:
+        validate_name(name)
+        if name not in self._models:
+            return Plan(outcome=RequestError(grpc.StatusCode.NOT_FOUND, f"model {name!r} is not loaded"))
+        return Plan(retire={name: set(self._models[name].versions)}, unload={name})
+
+    async def commit(self, plan: Plan) -> None:
+        """Publish a prepared plan, then drain what it retires; raises the plan's outcome, if any."""
+        self._unloaded = (self._unloaded - plan.reload) | plan.unload
+        retired = []
+        for name in sorted(set(plan.add) | set(plan.retire)):
+            model = self._models.get(name, LoadedModel())
+            versions = {v: lv for v, lv in model.versions.items() if v not in plan.retire.get(name, set())}
+            retired += [lv for v, lv in model.versions.items() if v not in versions]
+            versions.update(plan.add.get(name, {}))
+            model.versions = versions  # one assignment: a concurrent reader sees the old dict or the new one
+            if versions:
+                self._models[name] = model
+            else:
+                self._models.pop(name, None)
+            for v in sorted(plan.add.get(name, {})):
+                provider = versions[v].session.provider
+                log.info("event=model_ready model=%s version=%d provider=%s", name, v, provider)
+        for lv in retired:
+            await lv.batcher.close()  # queued requests finish first
+            log.info("event=model_unloaded model=%s version=%d", lv.name, lv.version)
         if self.on_change is not None:
             await self.on_change(self.ready)
+        if plan.outcome is not None:
+            raise plan.outcome
 
-    async def _sync_model(self, name: str) -> None:
+    async def abort(self, plan: Plan) -> None:
+        """Drop a prepared plan: close what it loaded."""
+        for versions in plan.add.values():
+            for lv in versions.values():
+                await lv.batcher.close()
+
+    # -- preparing one model ----------------------------------------------------------------------------
+    async def _prepare_model(self, name: str, plan: Plan, pinned: set[int] | None = None) -> dict:
+        """Load what `name` should serve and is not loaded yet into plan.add; retire the rest. Returns what
+        was refused: {version: reason}, with None for the model's config."""
         model_dir = self.root / name
         config_path = model_dir / CONFIG_FILE
         try:
             inside(self.root, model_dir)
-            config = read_config(inside(self.root, config_path))
-            on_disk = find_versions(model_dir)
+            config = await asyncio.to_thread(read_config, inside(self.root, config_path))
+            on_disk = await asyncio.to_thread(find_versions, model_dir)
         except (RepositoryError, OSError) as e:
             self._refuse(config_path, str(e))
-            return
-        self.failed.pop(config_path, None)
-        model = self.models.setdefault(name, LoadedModel())
+            return {None: str(e)}
+        self._failed.pop(config_path, None)
+        current = set(self.versions(name))
+        added: dict[int, LoadedVersion] = {}
+        refused: dict = {}
         while True:  # a version that fails to load leaves the candidates, so the policy picks the next one
-            loadable = {v for v, path in on_disk.items() if path not in self.failed}
-            wanted = select_versions(config.version_policy, loadable)
-            missing = sorted(wanted - set(model.versions))
+            loadable = {v for v, path in on_disk.items() if path not in self._failed}
+            wanted = (
+                loadable & pinned if pinned is not None else select_versions(config.version_policy, loadable)
+            )
+            missing = sorted(wanted - current - set(added))
             if not missing:
                 break
             for version in missing:
                 loaded = await self._load_version(name, version, on_disk[version], config)
                 if loaded is not None:
-                    # One assignment: a concurrent reader sees the old dict or the new one.
-                    model.versions = {**model.versions, version: loaded}
-                    provider = loaded.session.provider
-                    log.info("event=model_ready model=%s version=%d provider=%s", name, version, provider)
-        unwanted = set(model.versions) - wanted
-        if unwanted:
-            await self._retire(name, sorted(unwanted))
+                    added[version] = loaded
+        refused = {v: self._failed[path] for v, path in on_disk.items() if path in self._failed}
+        if added:
+            plan.add[name] = added
+        if unwanted := current - wanted:
+            plan.retire[name] = unwanted
+        return refused
 
     async def _load_version(
         self, name: str, version: int, path: Path, config: model_config_pb2.ModelConfig
     ) -> LoadedVersion | None:
-        max_batch = self.overrides.max_batch_size or config.max_batch_size or 1
-        delay = self.overrides.max_queue_delay_us
+        c = self.config
+        max_batch = c.max_batch_size or config.max_batch_size or 1
+        delay = c.max_queue_delay_us
         if delay is None:
             delay = config.dynamic_batching.max_queue_delay_microseconds
         instances = max([g.count for g in config.instance_group if g.count > 0] or [1])
@@ -285,35 +389,37 @@ class ModelRepository:
         except (RepositoryError, ModelLoadError, DeviceError, OSError) as e:
             self._refuse(path, str(e))
             return None
+        statistics = VersionStatistics()
         batcher = Batcher(
             f"{name}/{version}",
             session.run,
             max_batch_size=max_batch,
             max_queue_delay_us=delay,
-            max_queue_images=max(self.overrides.max_queue_images, max_batch),
+            max_queue_images=max(c.max_queue_images, max_batch),
             metrics=self.metrics.for_model(name),
+            statistics=statistics,
             instances=instances,
         )
-        return LoadedVersion(name, version, config, session, batcher)
+        return LoadedVersion(name, version, config, session, batcher, statistics)
 
     def _open(self, path: Path, max_batch: int) -> ModelSession:
-        session = ModelSession(path, self.options)
+        session = ModelSession(path, self.config.runtime, max_batch)
         sizes = {1, max_batch} | {2**k for k in range(1, 9) if 2**k < max_batch}
         session.warm_up(sorted(sizes))
         return session
 
-    def _refuse(self, path: Path, reason: str) -> None:
-        if self.failed.get(path) != reason:
-            log.error("event=model_refused path=%s reason=%r", path, reason)
-        self.failed[path] = reason
+    def _model_dirs(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_valid_model_name(p.name))
 
-    async def _retire(self, name: str, versions: list[int]) -> None:
-        model = self.models[name]
-        keep = {v: lv for v, lv in model.versions.items() if v not in versions}
-        retired = [model.versions[v] for v in versions if v in model.versions]
-        model.versions = keep  # new requests stop finding them; queued ones still finish below
-        if not keep:
-            del self.models[name]
-        for lv in retired:
-            await lv.batcher.close()
-            log.info("event=model_unloaded model=%s version=%d", name, lv.version)
+    def refusals(self) -> list[str]:
+        """Why each refused model file or config was refused (each reason names its file)."""
+        return list(self._failed.values())
+
+    def _refusal(self, name: str) -> str:
+        model_dir = self.root / name
+        return "; ".join(why for path, why in self._failed.items() if path.is_relative_to(model_dir))
+
+    def _refuse(self, path: Path, reason: str) -> None:
+        if self._failed.get(path) != reason:
+            log.error("event=model_refused path=%s reason=%r", path, reason)
+        self._failed[path] = reason

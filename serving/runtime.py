@@ -1,8 +1,8 @@
-"""ONNX Runtime sessions for serving: provider choice, threads, contract checks, warm-up, CUDA fast path.
+"""ONNX Runtime sessions for serving: provider choice, threads, contract checks at load, warm-up.
 
-CPU: a plain `InferenceSession.run`. CUDA: IO binding (the input is copied to the GPU once, the output is
-written into a buffer pre-allocated per batch size) and, optionally, CUDA graphs for fixed batch buckets.
-Defaults were chosen by measurement; see benchmarks/variants.md.
+CPU: a plain `InferenceSession.run` on the dynamic-batch graph, unless --batch-buckets asks for padding.
+CUDA: shape-stable batch buckets (serving.buckets), each a fixed-shape session with IO binding and, where
+capture succeeds, a CUDA graph. Defaults were chosen by measurement; see benchmarks/serving.md.
 """
 
 from __future__ import annotations
@@ -10,20 +10,22 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
-import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from serving.buckets import Buckets, FixedBatchSession, default_sizes
+from serving.commandline import flag, require, within
 from serving.contract import IMAGE_SHAPE, INPUT_NAME, INPUT_SHAPE_TEXT, NUM_CLASSES, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
 EXECUTION_MODES = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "parallel": ort.ExecutionMode.ORT_PARALLEL}
 CUDNN_CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
@@ -38,34 +40,55 @@ class DeviceError(Exception):
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = field(default="auto", metadata=flag("ONNX Runtime device", choices=DEVICES))
     # One intra-op thread per session: on a tiny CNN the pool's hand-off costs more than it saves, and the
     # server gets its parallelism from concurrent batches (measured: benchmarks/variants.md).
-    intra_op_threads: int = 1
-    inter_op_threads: int = 1
-    execution_mode: str = "sequential"  # the graph is a chain; "parallel" has nothing to overlap
+    intra_op_threads: int = field(default=1, metadata=flag("ORT threads per run (0 = one per core)"))
+    inter_op_threads: int = field(default=1, metadata=flag("ORT threads across graph branches"))
+    # The graph is a chain: "parallel" has nothing to overlap.
+    execution_mode: str = field(
+        default="sequential", metadata=flag("ORT execution mode", choices=tuple(EXECUTION_MODES))
+    )
     # Spinning threads wait hot for the next op and burn a core at low load; off unless measured to help.
-    allow_spinning: bool = False
-    # CUDA only (ignored on CPU):
+    allow_spinning: bool = field(
+        default=False,
+        metadata=flag("let idle ORT threads spin (burns a core at low load)", name="--spinning"),
+    )
+    batch_buckets: tuple[int, ...] = field(
+        default=(),
+        metadata=flag(
+            "pad every batch up to the next of these sizes, each run by its own fixed-shape session "
+            "(default: on CUDA powers of two up to the model's max batch size; on CPU no padding)",
+            metavar="N,N,...",
+        ),
+    )
+    cuda_graphs: bool = field(
+        default=True, metadata=flag("CUDA: capture each batch bucket as a CUDA graph and replay it")
+    )
+    # EXHAUSTIVE benchmarks every convolution algorithm once per shape; with fixed buckets that happens at
+    # warm-up only. HEURISTIC picks at once.
+    cudnn_conv_algo_search: str = field(
+        default="HEURISTIC",
+        metadata=flag("CUDA: how cuDNN picks convolution algorithms", choices=CUDNN_CONV_ALGO_SEARCHES),
+    )
+    # Which GPU. Prefer CUDA_VISIBLE_DEVICES: ORT warns about every session given a device_id.
     device_id: int = 0
-    io_binding: bool = True
-    cuda_graph_batch_sizes: tuple[int, ...] = ()  # e.g. (1, 8, 32, 128, 256); empty = no CUDA graphs
-    # EXHAUSTIVE (ORT's default) benchmarks every new input shape, so with dynamic batching each first-seen
-    # batch size stalls a request; HEURISTIC picks at once. EXHAUSTIVE pays off with fixed CUDA-graph buckets.
-    cudnn_conv_algo_search: str = "HEURISTIC"
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
-            raise ValueError("thread counts must be >= 0 (0 = one per core)")
-        if self.execution_mode not in EXECUTION_MODES:
-            raise ValueError(f"execution_mode must be sequential or parallel, got {self.execution_mode!r}")
-        if self.cudnn_conv_algo_search not in CUDNN_CONV_ALGO_SEARCHES:
-            raise ValueError(f"cudnn_conv_algo_search must be one of {', '.join(CUDNN_CONV_ALGO_SEARCHES)}")
-        if any(size < 1 for size in self.cuda_graph_batch_sizes):
-            raise ValueError(f"cuda_graph_batch_sizes must be positive, got {self.cuda_graph_batch_sizes}")
-        object.__setattr__(self, "cuda_graph_batch_sizes", tuple(sorted(set(self.cuda_graph_batch_sizes))))
+        c = type(self)
+        require(self.device in DEVICES, c, "device", " or ".join(DEVICES), self.device)
+        for name in ("intra_op_threads", "inter_op_threads"):
+            value = getattr(self, name)
+            require(within(value, 0, 1024), c, name, "within 0..1024 (0 = one per core)", value)
+        require(self.execution_mode in EXECUTION_MODES, c, "execution_mode", "sequential or parallel",
+                self.execution_mode)  # fmt: skip
+        require(self.cudnn_conv_algo_search in CUDNN_CONV_ALGO_SEARCHES, c, "cudnn_conv_algo_search",
+                " or ".join(CUDNN_CONV_ALGO_SEARCHES), self.cudnn_conv_algo_search)  # fmt: skip
+        require(all(within(size, 1, 65536) for size in self.batch_buckets), c, "batch_buckets",
+                "sizes within 1..65536", self.batch_buckets)  # fmt: skip
+        object.__setattr__(self, "batch_buckets", tuple(sorted(set(self.batch_buckets))))
+        if self.device_id < 0:
+            raise ValueError(f"device_id must be >= 0, got {self.device_id}")
 
 
 def cuda_device_count() -> int:
@@ -116,12 +139,14 @@ def _session_options(options: RuntimeOptions) -> ort.SessionOptions:
     return so
 
 
-def _cuda_provider_options(options: RuntimeOptions, enable_cuda_graph: bool) -> dict[str, str]:
-    return {
-        "device_id": str(options.device_id),
+def cuda_provider_options(options: RuntimeOptions, enable_cuda_graph: bool) -> dict[str, str]:
+    provider = {
         "cudnn_conv_algo_search": options.cudnn_conv_algo_search,
         "enable_cuda_graph": "1" if enable_cuda_graph else "0",
     }
+    if options.device_id:  # passing the default makes ORT 1.31 log a warning for every session
+        provider["device_id"] = str(options.device_id)
+    return provider
 
 
 def _check_contract(session: ort.InferenceSession, path: Path) -> str | None:
@@ -152,95 +177,43 @@ def _check_contract(session: ort.InferenceSession, path: Path) -> str | None:
     return batch if isinstance(batch, str) else None
 
 
-class _CudaGraphBucket:
-    """One captured CUDA graph for a fixed batch size: static device buffers, bound once, replayed per run.
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
-    Each bucket has its own session with the batch dimension fixed, so the shape arithmetic of a dynamic
-    graph folds away and every node lands on the GPU (a CUDA-graph requirement).
-    """
 
-    def __init__(self, model_path: Path, options: RuntimeOptions, batch_dim: str, size: int) -> None:
-        so = _session_options(options)
-        so.add_free_dimension_override_by_name(batch_dim, size)
-        self.session = ort.InferenceSession(
-            str(model_path), so, providers=[(CUDA, _cuda_provider_options(options, enable_cuda_graph=True))]
-        )
-        self.size = size
-        self.host_input = np.zeros((size, *IMAGE_SHAPE), np.uint8)
-        dev = ("cuda", options.device_id)
-        self.device_input = ort.OrtValue.ortvalue_from_shape_and_type(self.host_input.shape, np.uint8, *dev)
-        self.device_output = ort.OrtValue.ortvalue_from_shape_and_type((size, NUM_CLASSES), np.float32, *dev)
-        self.binding = self.session.io_binding()
-        self.binding.bind_ortvalue_input(INPUT_NAME, self.device_input)
-        self.binding.bind_ortvalue_output(OUTPUT_NAME, self.device_output)
-        self.lock = threading.Lock()  # one set of static buffers: replays must not interleave
-
-    def run(self, images: np.ndarray) -> np.ndarray:
-        n = len(images)
-        with self.lock:
-            # Pad up to the bucket; rows are independent, the padding rows are computed and dropped.
-            self.host_input[:n] = images
-            self.host_input[n:] = 0
-            self.device_input.update_inplace(self.host_input)  # the graph reads this fixed device address
-            self.session.run_with_iobinding(self.binding)
-            return self.binding.copy_outputs_to_cpu()[0][:n].copy()
+class _CudaUnavailable(Exception):
+    """A session asked for CUDA came up on CPU (ORT falls back when CUDA/cuDNN fail to load)."""
 
 
 class ModelSession:
-    """A loaded model that honours the serving contract. `run` is thread-safe; ORT releases the GIL."""
+    """A loaded model that honours the serving contract. `run` is thread-safe; ORT releases the GIL.
 
-    def __init__(self, model_path: Path, options: RuntimeOptions = RuntimeOptions()) -> None:
+    max_batch_size is the largest batch the server will run (config.pbtxt): it sets the default buckets.
+    """
+
+    def __init__(
+        self, model_path: Path, options: RuntimeOptions = RuntimeOptions(), max_batch_size: int = 64
+    ) -> None:
         self.path = Path(model_path)
         self.options = options
         requested = resolve_device(options.device)
         if not self.path.is_file():
             raise ModelLoadError(f"{self.path}: model file not found")
-        providers: list = [CPU]
-        if requested == CUDA:
-            providers = [(CUDA, _cuda_provider_options(options, enable_cuda_graph=False)), CPU]
-            if hasattr(ort, "preload_dlls"):
-                ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when installed that way
+        if requested == CUDA and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when installed that way
         try:
-            self._session = ort.InferenceSession(
-                str(self.path), _session_options(options), providers=providers
-            )
-        except Exception as e:  # ORT raises several types (Fail, InvalidGraph, InvalidProtobuf...)
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(f"{self.path}: not a loadable ONNX model: {first_line}") from e
-        batch_dim = _check_contract(self._session, self.path)
-
-        # ORT silently falls back to CPU when the CUDA/cuDNN libraries fail to load.
-        self.provider: str = self._session.get_providers()[0]
-        if requested == CUDA and self.provider != CUDA:
+            self._load(requested, max_batch_size)
+        except _CudaUnavailable:
+            # ORT silently falls back to CPU when the CUDA/cuDNN libraries fail to load.
             if options.device == "cuda":
-                raise DeviceError(f"CUDAExecutionProvider failed to initialise for {self.path} (see ORT log)")
-            log.warning("CUDA unavailable at session creation, serving %s on CPU", self.path)
-
+                raise DeviceError(
+                    f"CUDAExecutionProvider failed to initialise for {self.path} (see ORT log)"
+                ) from None
+            log.warning("event=cuda_unavailable model=%s; serving it on CPU", self.path)
+            self._load(CPU, max_batch_size)
         meta = self._session.get_modelmeta()
         self.metadata_props: dict[str, str] = dict(meta.custom_metadata_map)
         self.variant: str = self.metadata_props.get("variant", "fp32")
-
-        self._lock = threading.Lock()  # guards the shared IO binding and output buffers (CUDA only)
-        self._binding = self._session.io_binding() if self.provider == CUDA and options.io_binding else None
-        self._outputs: dict[int, ort.OrtValue] = {}
-        self._buckets: list[_CudaGraphBucket] = []
-        if options.cuda_graph_batch_sizes and self.provider == CUDA:
-            if batch_dim is None:
-                raise ModelLoadError(
-                    f"{self.path}: CUDA graphs need a named batch dimension on {INPUT_NAME!r}"
-                )
-            try:
-                self._buckets = [
-                    _CudaGraphBucket(self.path, options, batch_dim, size)
-                    for size in options.cuda_graph_batch_sizes
-                ]
-            except Exception as e:  # e.g. a node ORT cannot place on the GPU: capture is refused
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ModelLoadError(
-                    f"{self.path}: CUDA graphs unavailable for this model ({first_line}); serve without them"
-                ) from e
-        elif options.cuda_graph_batch_sizes:
-            log.info("cuda_graph_batch_sizes ignored: %s runs on %s", self.path, self.provider)
 
         # One probe run at load: a model whose declared I/O lies fails here, not on a user's request.
         probe = self.run(np.zeros((1, *IMAGE_SHAPE), np.uint8))
@@ -250,44 +223,76 @@ class ModelSession:
                 f"{probe.ravel()[:NUM_CLASSES]}, expected finite float32 [1, {NUM_CLASSES}] probabilities"
             )
 
+    def _load(self, provider: str, max_batch_size: int) -> None:
+        """Open the sessions for `provider`."""
+        sizes = self.options.batch_buckets or (default_sizes(max_batch_size) if provider == CUDA else ())
+        # The dynamic-batch session checks the contract and reads metadata; it runs batches only when there
+        # are no buckets (on CUDA every run goes through a bucket).
+        cuda = [(CUDA, cuda_provider_options(self.options, False)), CPU]
+        self._session = self._open(cuda if provider == CUDA and not sizes else [CPU])
+        batch_dim = _check_contract(self._session, self.path)
+        self._buckets: Buckets | None = None
+        if sizes:
+            if batch_dim is None:
+                raise ModelLoadError(
+                    f"{self.path}: batch buckets need a named batch dimension on {INPUT_NAME!r}"
+                )
+            self._buckets = self._open_buckets(sizes, batch_dim, provider)
+        elif self._session.get_providers()[0] != provider:
+            raise _CudaUnavailable
+        self.provider = provider
+
+    @property
+    def bucket_sizes(self) -> tuple[int, ...]:
+        return self._buckets.sizes if self._buckets else ()
+
+    @property
+    def cuda_graph_sizes(self) -> tuple[int, ...]:
+        return self._buckets.cuda_graphs if self._buckets else ()
+
+    def _open(self, providers: list, so: ort.SessionOptions | None = None) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(
+                str(self.path), so or _session_options(self.options), providers=providers
+            )
+        except Exception as e:  # ORT raises several types (Fail, InvalidGraph, InvalidProtobuf...)
+            raise ModelLoadError(f"{self.path}: not a loadable ONNX model: {_first_line(e)}") from e
+
+    def _open_buckets(self, sizes: tuple[int, ...], batch_dim: str, requested: str) -> Buckets:
+        def make_session(size: int, cuda_graph: bool) -> ort.InferenceSession:
+            so = _session_options(self.options)
+            # The batch dimension fixed: shape arithmetic folds away and every node can land on the GPU.
+            so.add_free_dimension_override_by_name(batch_dim, size)
+            if requested != CUDA:
+                return self._open([CPU], so)
+            session = self._open([(CUDA, cuda_provider_options(self.options, cuda_graph)), CPU], so)
+            if session.get_providers()[0] != CUDA:
+                raise _CudaUnavailable
+            return session
+
+        device = "cuda" if requested == CUDA else "cpu"
+        sessions = {
+            size: FixedBatchSession(
+                size, make_session, device, self.options.device_id, self.options.cuda_graphs, self.path
+            )
+            for size in sizes
+        }
+        return Buckets(sizes, sessions)
+
     def run(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N,1,28,28] -> float32 probabilities [N,10]."""
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE or not len(images):
             raise ValueError(
                 f"expected uint8 {INPUT_SHAPE_TEXT} with N >= 1, got {images.dtype} {list(images.shape)}"
             )
-        images = np.ascontiguousarray(images)
-        if self._buckets:
-            return self._run_graphs(images)
-        if self._binding is not None:
-            return self._run_bound(images)
-        return self._session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
-
-    def _run_graphs(self, images: np.ndarray) -> np.ndarray:
-        largest = self._buckets[-1]
-        if len(images) > largest.size:  # beyond the largest bucket: run it in bucket-sized chunks
-            chunks = range(0, len(images), largest.size)
-            return np.concatenate([largest.run(images[i : i + largest.size]) for i in chunks])
-        bucket = next(b for b in self._buckets if b.size >= len(images))
-        return bucket.run(images)
-
-    def _run_bound(self, images: np.ndarray) -> np.ndarray:
-        n = len(images)
-        with self._lock:
-            if n not in self._outputs:  # at most max_batch_size small buffers, kept for reuse
-                self._outputs[n] = ort.OrtValue.ortvalue_from_shape_and_type(
-                    (n, NUM_CLASSES), np.float32, "cuda", self.options.device_id
-                )
-            self._binding.bind_cpu_input(INPUT_NAME, images)  # one host->device copy, no staging
-            self._binding.bind_ortvalue_output(OUTPUT_NAME, self._outputs[n])
-            self._session.run_with_iobinding(self._binding)
-            return self._binding.copy_outputs_to_cpu()[0]
+        if self._buckets is not None:
+            return self._buckets.run(images)
+        return self._session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images)})[0]
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
-        """Run each batch size (and every CUDA-graph bucket) once: the first run at a new shape is slow."""
-        for bucket in self._buckets:
-            # ORT captures a CUDA graph only after a few regular runs; repeat so capture happens here.
-            for _ in range(3):
-                bucket.run(np.zeros((bucket.size, *IMAGE_SHAPE), np.uint8))
+        """Run every bucket, or else each given batch size, once: the first run at a new shape is slow."""
+        if self._buckets is not None:
+            self._buckets.warm_up()
+            return
         for n in sorted(set(batch_sizes)):
             self.run(np.zeros((n, *IMAGE_SHAPE), np.uint8))

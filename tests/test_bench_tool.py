@@ -281,7 +281,7 @@ def test_a_server_that_cannot_start_is_one_line(repo, tmp_path):
         (["--server", "h:1", "--compare", "nolabel"], "expected LABEL:"),
         (["--server", "h:1", "--compare", "x:--max-batch-size 1"], "server options need --spawn"),
         (["--server", "h:1", "--compare", "x:-- --bogus"], "only the per-configuration options"),
-        (["--server", "h:1", "--concurrency", "0"], "positive"),
+        (["--server", "h:1", "--concurrency", "0"], "must be within 1..100000"),
     ],
 )
 def test_bad_arguments_exit_with_one_clear_line(argv, message):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from serving.buckets import chunks, default_sizes
 from serving.runtime import (
     CPU,
     CUDA,
@@ -18,6 +19,7 @@ from serving.runtime import (
     ModelSession,
     RuntimeOptions,
     cuda_device_count,
+    cuda_provider_options,
     resolve_device,
 )
 from training import models
@@ -26,6 +28,7 @@ from training.export import to_onnx
 HAS_CUDA = CUDA in ort.get_available_providers() and cuda_device_count() > 0
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA GPU (CPU-only here)")
 
+TOLERANCE = 1e-6  # batched vs unbatched CPU results: same kernels, float rounding at most
 RNG = np.random.default_rng(0)
 IMAGES = RNG.integers(0, 256, size=(37, 1, 28, 28), dtype=np.uint8)
 
@@ -117,7 +120,7 @@ def test_results_do_not_depend_on_batch_size(cnn_path: Path) -> None:
     one_by_one = np.concatenate([session.run(IMAGES[i : i + 1]) for i in range(len(IMAGES))])
     chunks = np.concatenate([session.run(IMAGES[i : i + 8]) for i in range(0, len(IMAGES), 8)])
     for other in (one_by_one, chunks):
-        np.testing.assert_allclose(other, whole, atol=1e-6)
+        np.testing.assert_allclose(other, whole, atol=TOLERANCE)
         assert (other.argmax(1) == whole.argmax(1)).all()
 
 
@@ -136,7 +139,7 @@ def test_concurrent_callers_get_their_own_results(cnn_path: Path) -> None:
     for t in threads:
         t.join()
     for w, g in zip(want, got, strict=True):
-        np.testing.assert_allclose(g, w, atol=1e-6)
+        np.testing.assert_allclose(g, w, atol=TOLERANCE)
 
 
 def test_run_rejects_off_contract_arrays(cnn_path: Path) -> None:
@@ -145,7 +148,7 @@ def test_run_rejects_off_contract_arrays(cnn_path: Path) -> None:
         with pytest.raises(ValueError, match=r"uint8 \[N, 1, 28, 28\]"):
             session.run(bad)
     # Non-contiguous views are fine: run() makes them contiguous.
-    np.testing.assert_allclose(session.run(IMAGES[::2]), session.run(IMAGES[::2].copy()), atol=1e-6)
+    np.testing.assert_allclose(session.run(IMAGES[::2]), session.run(IMAGES[::2].copy()), atol=TOLERANCE)
 
 
 def test_provider_selection_here() -> None:
@@ -164,11 +167,71 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_cuda_only_options_are_ignored_on_cpu(cnn_path: Path) -> None:
-    options = RuntimeOptions(device="cpu", cuda_graph_batch_sizes=(8, 1, 8), io_binding=True)
-    assert options.cuda_graph_batch_sizes == (1, 8)
-    session = ModelSession(cnn_path, options)
-    assert session.provider == CPU
+    session = ModelSession(cnn_path, RuntimeOptions(device="cpu", cuda_graphs=True))
+    assert session.provider == CPU and session.bucket_sizes == () and session.cuda_graph_sizes == ()
     assert session.run(IMAGES).shape == (37, 10)
+
+
+def test_default_buckets_are_powers_of_two_up_to_the_max_batch() -> None:
+    assert default_sizes(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert default_sizes(1) == (1,)
+    assert default_sizes(100) == (1, 2, 4, 8, 16, 32, 64, 100)
+
+
+@pytest.mark.parametrize(
+    ("n", "sizes", "expected"),
+    [
+        (1, (1, 2, 4, 8), [(0, 1, 1)]),
+        (3, (1, 2, 4, 8), [(0, 3, 4)]),
+        (8, (1, 2, 4, 8), [(0, 8, 8)]),
+        (19, (1, 2, 4, 8), [(0, 8, 8), (8, 16, 8), (16, 19, 4)]),
+        (16, (1, 2, 4, 8), [(0, 8, 8), (8, 16, 8)]),
+        (5, (8,), [(0, 5, 8)]),
+    ],
+)
+def test_chunks_pad_each_batch_into_the_smallest_bucket_that_holds_it(n, sizes, expected) -> None:
+    runs = chunks(n, sizes)
+    assert runs == expected
+    covered = [i for start, stop, _ in runs for i in range(start, stop)]
+    assert covered == list(range(n))  # every image once, in order
+    assert all(stop - start <= size for start, stop, size in runs)
+
+
+def test_buckets_on_cpu_give_the_unbucketed_results_in_order(cnn_path: Path) -> None:
+    plain = ModelSession(cnn_path, RuntimeOptions(device="cpu"))
+    bucketed = ModelSession(cnn_path, RuntimeOptions(device="cpu", batch_buckets=(8, 1, 4, 8)))
+    assert bucketed.bucket_sizes == (1, 4, 8) and bucketed.provider == CPU
+    bucketed.warm_up([])
+    for n in (1, 3, 4, 5, 8, 19, 37):  # exact fits, padded, and chunked past the largest bucket
+        np.testing.assert_allclose(bucketed.run(IMAGES[:n]), plain.run(IMAGES[:n]), atol=TOLERANCE)
+    # Padding rows never leak: a batch padded with real images first and zeros later answers the same.
+    np.testing.assert_allclose(bucketed.run(IMAGES[5:8]), plain.run(IMAGES[5:8]), atol=TOLERANCE)
+
+
+def test_concurrent_callers_of_buckets_get_their_own_results(cnn_path: Path) -> None:
+    session = ModelSession(cnn_path, RuntimeOptions(device="cpu", batch_buckets=(2, 4)))
+    want = [session.run(IMAGES[i : i + 3]) for i in range(8)]
+    got: list = [None] * 8
+
+    def call(i: int) -> None:
+        for _ in range(5):
+            got[i] = session.run(IMAGES[i : i + 3])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(g, w, atol=TOLERANCE)
+
+
+def test_cuda_provider_options_name_the_gpu_only_when_it_is_not_the_default() -> None:
+    default = cuda_provider_options(RuntimeOptions(device="cpu"), enable_cuda_graph=True)
+    assert "device_id" not in default  # ORT 1.31 logs a warning for every session given one
+    assert default == {"cudnn_conv_algo_search": "HEURISTIC", "enable_cuda_graph": "1"}
+    second = cuda_provider_options(RuntimeOptions(device_id=1, cudnn_conv_algo_search="EXHAUSTIVE"), False)
+    assert second == {"cudnn_conv_algo_search": "EXHAUSTIVE", "enable_cuda_graph": "0", "device_id": "1"}
 
 
 @pytest.mark.parametrize(
@@ -178,7 +241,8 @@ def test_cuda_only_options_are_ignored_on_cpu(cnn_path: Path) -> None:
         {"intra_op_threads": -1},
         {"execution_mode": "eager"},
         {"cudnn_conv_algo_search": "FAST"},
-        {"cuda_graph_batch_sizes": (0, 8)},
+        {"batch_buckets": (0, 8)},
+        {"device_id": -1},
     ],
 )
 def test_options_are_validated(bad: dict) -> None:
@@ -191,19 +255,21 @@ def test_options_are_validated(bad: dict) -> None:
 @pytest.mark.parametrize(
     "options",
     [
-        RuntimeOptions(device="cuda", io_binding=False),
-        RuntimeOptions(device="cuda", io_binding=True),
+        RuntimeOptions(device="cuda"),
+        RuntimeOptions(device="cuda", cuda_graphs=False),
         RuntimeOptions(device="cuda", cudnn_conv_algo_search="EXHAUSTIVE"),
-        RuntimeOptions(device="cuda", cuda_graph_batch_sizes=(1, 8, 16)),
+        RuntimeOptions(device="cuda", batch_buckets=(1, 8, 16)),
     ],
-    ids=["plain", "io-binding", "exhaustive", "cuda-graphs"],
+    ids=["graphs", "no-graphs", "exhaustive", "custom-buckets"],
 )
 def test_cuda_matches_cpu(cnn_path: Path, options: RuntimeOptions) -> None:
     want = ModelSession(cnn_path, RuntimeOptions(device="cpu")).run(IMAGES)
-    session = ModelSession(cnn_path, options)
+    session = ModelSession(cnn_path, options, max_batch_size=16)
     assert session.provider == CUDA
-    session.warm_up([1, 5, 8, 37])
-    # 37 > the largest graph bucket (16): chunked; 5 pads up to 8; the same buffers are reused across calls.
+    assert session.bucket_sizes == (options.batch_buckets or (1, 2, 4, 8, 16))
+    assert session.cuda_graph_sizes == (session.bucket_sizes if options.cuda_graphs else ())
+    session.warm_up([])
+    # 37 > the largest bucket (16): chunked; 5 pads up to 8; the same buffers are reused across calls.
     for _ in range(2):
         np.testing.assert_allclose(session.run(IMAGES), want, atol=1e-4)
         np.testing.assert_allclose(session.run(IMAGES[:5]), want[:5], atol=1e-4)
@@ -214,4 +280,5 @@ def test_cuda_matches_cpu(cnn_path: Path, options: RuntimeOptions) -> None:
 @needs_cuda
 def test_auto_picks_cuda_when_present(cnn_path: Path) -> None:
     assert resolve_device("auto") == CUDA
-    assert ModelSession(cnn_path, RuntimeOptions()).provider == CUDA
+    session = ModelSession(cnn_path, RuntimeOptions())
+    assert session.provider == CUDA and session.bucket_sizes == (1, 2, 4, 8, 16, 32, 64)

@@ -16,6 +16,7 @@ from serving.metrics import Metrics
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
 from serving.runtime import ModelSession, RuntimeOptions
+from serving.statistics import VersionStatistics
 
 
 def request(images: np.ndarray) -> pb.ModelInferRequest:
@@ -99,7 +100,7 @@ def test_a_failed_batch_fails_every_request_in_it() -> None:
     async def submit_concurrently(run) -> list:
         batcher = Batcher(
             "t", run, max_batch_size=8, max_queue_delay_us=50_000, max_queue_images=64,
-            metrics=Metrics().for_model("t"),
+            metrics=Metrics().for_model("t"), statistics=VersionStatistics(),
         )  # fmt: skip
         one = np.zeros((1, 1, 28, 28), np.uint8)
         results = await asyncio.gather(*(batcher.submit(one) for _ in range(5)), return_exceptions=True)

@@ -1,39 +1,159 @@
-"""mnist-serve's flags reach the runtime options; bad values are one-line usage errors."""
+"""The serving commands' flags: they reach the configuration, and every numeric flag of mnist-serve,
+mnist-predict and mnist-bench is checked before anything starts (one `<command>: error:` line, exit 2).
+mnist-train's flags are covered the same way in test_training_cli.py."""
+
+import argparse
+from pathlib import Path
 
 import pytest
 
+from serving import client
+from serving.bench.cli import build_parser as bench_parser
+from serving.config import ServerConfig
+from serving.runtime import RuntimeOptions
+from serving.server import build_parser as serve_parser
 from serving.server import parse_args
 
 
 def test_runtime_flags_reach_runtime_options():
     config = parse_args(
         ["--device", "cpu", "--intra-op-threads", "2", "--inter-op-threads", "2", "--execution-mode",
-         "parallel", "--spinning", "--no-io-binding", "--cuda-graph-batch-sizes", "64,1,8",
+         "parallel", "--spinning", "--no-cuda-graphs", "--batch-buckets", "64,1,8",
          "--cudnn-conv-algo-search", "EXHAUSTIVE"]
     )  # fmt: skip
     runtime = config.runtime
     assert (runtime.device, runtime.intra_op_threads, runtime.inter_op_threads) == ("cpu", 2, 2)
-    assert runtime.execution_mode == "parallel" and runtime.allow_spinning and not runtime.io_binding
-    assert runtime.cuda_graph_batch_sizes == (1, 8, 64)
+    assert runtime.execution_mode == "parallel" and runtime.allow_spinning and not runtime.cuda_graphs
+    assert runtime.batch_buckets == (1, 8, 64)
     assert runtime.cudnn_conv_algo_search == "EXHAUSTIVE"
 
 
-def test_defaults_are_the_measured_cpu_settings():
-    runtime = parse_args([]).runtime
-    assert (runtime.intra_op_threads, runtime.inter_op_threads, runtime.allow_spinning) == (1, 1, False)
+def test_server_flags_reach_the_config():
+    config = parse_args(
+        ["--repo", "r", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--workers", "3",
+         "--max-batch-size", "32", "--max-queue-delay-us", "100", "--poll", "2.5", "--grace", "1",
+         "--max-images-per-request", "7", "--log-level", "DEBUG"]
+    )  # fmt: skip
+    assert config.repo == Path("r") and config.host == "127.0.0.1"
+    assert (config.port, config.metrics_port) == (0, -1)
+    assert (config.workers, config.max_batch_size, config.max_queue_delay_us) == (3, 32, 100)
+    assert (config.poll_seconds, config.grace_seconds, config.max_images_per_request) == (2.5, 1.0, 7)
+    assert config.log_level == "DEBUG"
+
+
+def test_defaults_are_stated_once_in_the_dataclasses():
+    parsed = parse_args([])
+    assert parsed == ServerConfig()
+    assert parsed.runtime == RuntimeOptions()
+    assert (parsed.runtime.intra_op_threads, parsed.runtime.allow_spinning) == (1, False)  # measured
+
+
+def test_the_default_worker_count_follows_the_usable_cores(monkeypatch):
+    monkeypatch.setattr("serving.config.usable_cores", lambda: 6)
+    assert ServerConfig().worker_count("CPUExecutionProvider") == 6
+    assert ServerConfig().worker_count("CUDAExecutionProvider") == 2
+    assert ServerConfig(workers=3).worker_count("CUDAExecutionProvider") == 3
+
+
+def numeric_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option whose value is a number or a list of numbers, read off the parser itself."""
+    return sorted(
+        action.option_strings[0]
+        for action in parser._actions
+        if action.option_strings and getattr(action.type, "__name__", "") in ("int", "float", "int list")
+    )
+
+
+HUGE = str(10**30)
+VALUES = ("0", "-1", HUGE, "1e309", "nan", "seven")
+
+# The values each flag takes besides positive ones; every other value above must be refused.
+SERVE_ACCEPTS = {
+    "--port": {"0"},
+    "--metrics-port": {"0", "-1"},
+    "--intra-op-threads": {"0"},
+    "--inter-op-threads": {"0"},
+    "--max-queue-delay-us": {"0"},
+    "--grace": {"0"},
+}
+PREDICT_ACCEPTS: dict[str, set[str]] = {}
+BENCH_ACCEPTS = {"--requests": {"0"}, "--warmup": {"0"}, "--seed": {"0"}}
+
+
+def test_every_numeric_flag_is_in_the_tables():
+    assert set(numeric_flags(serve_parser())) >= set(SERVE_ACCEPTS)
+    assert numeric_flags(serve_parser()) == [
+        "--batch-buckets", "--grace", "--inter-op-threads", "--intra-op-threads", "--max-batch-size",
+        "--max-concurrent-rpcs", "--max-connection-age", "--max-image-bytes", "--max-image-pixels",
+        "--max-images-per-request", "--max-message-bytes", "--max-queue-delay-us", "--max-queue-images",
+        "--metrics-port", "--poll", "--port", "--workers",
+    ]  # fmt: skip
+
+
+def one_error_line(stderr: str, command: str) -> bool:
+    errors = [line for line in stderr.splitlines() if line.startswith(f"{command}: error:")]
+    return len(errors) == 1 and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("flag", numeric_flags(serve_parser()))
+@pytest.mark.parametrize("value", VALUES)
+def test_mnist_serve_checks_every_numeric_flag(flag, value, capsys):
+    if value in SERVE_ACCEPTS.get(flag, set()):
+        assert isinstance(parse_args([flag, value]), ServerConfig)
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert one_error_line(err, "mnist-serve") and flag in err, err
+
+
+@pytest.mark.parametrize("flag", ["--top-k", "--timeout"])
+@pytest.mark.parametrize("value", VALUES)
+def test_mnist_predict_checks_every_numeric_flag(flag, value, capsys, tmp_path):
+    missing = str(tmp_path / "absent.png")  # accepted flags get as far as reading the images: exit 1
+    with pytest.raises(SystemExit) as exit_info:
+        client.main([missing, flag, value])
+    err = capsys.readouterr().err
+    if value in PREDICT_ACCEPTS.get(flag, set()):
+        assert exit_info.value.code == 1 and "cannot read" in err
+    else:
+        assert exit_info.value.code == 2 and one_error_line(err, "mnist-predict") and flag in err, err
+
+
+@pytest.mark.parametrize("flag", numeric_flags(bench_parser()))
+@pytest.mark.parametrize("value", VALUES)
+def test_mnist_bench_checks_every_numeric_flag(flag, value, capsys):
+    argv = ["--server", "127.0.0.1:1", flag, value]
+    if value in BENCH_ACCEPTS.get(flag, set()):
+        assert bench_parser().parse_args(argv)
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        bench_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert one_error_line(err, "mnist-bench") and flag in err, err
+
+
+def test_predict_flags_are_in_the_table():
+    parser_flags = {"--top-k", "--timeout"}
+    help_text = client.build_parser().format_help()
+    assert all(flag in help_text for flag in parser_flags)
+    assert numeric_flags(client.build_parser()) == sorted(parser_flags)
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    ("argv", "message"),
     [
-        (["--cuda-graph-batch-sizes", "1,x"], "comma-separated integers"),
-        (["--cuda-graph-batch-sizes", "0,8"], "must be positive"),
-        (["--intra-op-threads", "-1"], "thread counts"),
-        (["--port", "70000"], "--port"),
+        (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca needs --tls-cert"),
+        (["--device", "tpu"], "--device"),
+        (["--log-level", "LOUD"], "--log-level"),
     ],
 )
-def test_bad_flags_are_usage_errors(argv, message, capsys):
+def test_other_bad_server_flags_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(argv)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and one_error_line(err, "mnist-serve")

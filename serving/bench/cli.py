@@ -28,6 +28,8 @@ from serving.bench.baselines import newest_model, ort_ceiling
 from serving.bench.loadgen import Connection, Level, RunSpec
 from serving.bench.runner import Probe, run_level
 from serving.bench.spawn import Spawned, SpawnError, serve_command
+from serving.channels import DEFAULT_CONNECTIONS
+from serving.commandline import HelpFormatter, bounded, bounded_list
 from serving.runtime import ModelLoadError
 
 
@@ -64,27 +66,14 @@ class Config:
         }
 
 
-def _csv(kind):
-    def parse(text: str) -> list:
-        try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-        if not values or min(values) <= 0:
-            raise argparse.ArgumentTypeError(f"expected positive values, got {text!r}")
-        return values
-
-    return parse
-
-
 def _config_options(p: argparse.ArgumentParser) -> None:
     """The options a --compare configuration may override (after its '--')."""
-    p.add_argument("--model", default="mnist", help="model name (default: %(default)s)")
+    p.add_argument("--model", default="mnist", help="model name")
     p.add_argument("--model-version", default="", help="model version (default: the newest)")
-    p.add_argument("--api", choices=API_NAMES, default="kserve", help="API to load (default: %(default)s)")
+    p.add_argument("--api", choices=API_NAMES, default="kserve", help="API to load")
     p.add_argument("--stream", action="store_true", help="bidirectional streaming RPC instead of unary")
     p.add_argument(
-        "--images-per-request", type=int, default=1, help="images per request (default: %(default)s)"
+        "--images-per-request", type=bounded(int, 1, 1_000_000), default=1, help="images per request"
     )
     p.add_argument(
         "--serve-command",
@@ -95,11 +84,19 @@ def _config_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mnist-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="mnist-bench", description=__doc__, formatter_class=HelpFormatter)
     where = p.add_argument_group("server")
-    where.add_argument("--server", help="HOST:PORT[,HOST:PORT...] of running replicas, loaded round-robin")
+    where.add_argument(
+        "--server",
+        help="running server(s): HOST:PORT[,HOST:PORT...] (each its own target), or one gRPC target such as "
+        "dns:///NAME:PORT or ipv4:A:PORT,B:PORT (round-robin over its addresses)",
+    )
+    where.add_argument(
+        "--connections",
+        type=bounded(int, 1, 1024),
+        default=DEFAULT_CONNECTIONS,
+        help="channels per target in each generator process: a server's worker processes each get a share",
+    )
     where.add_argument(
         "--metrics-url", help="their Prometheus URL(s), comma-separated, for the server-side split"
     )
@@ -120,35 +117,50 @@ def build_parser() -> argparse.ArgumentParser:
     load = p.add_argument_group("load")
     levels = load.add_mutually_exclusive_group()
     levels.add_argument(
-        "--concurrency", type=_csv(int), help="closed loop: clients in flight, e.g. 1,8,32,64"
+        "--concurrency",
+        type=bounded_list(int, 1, 100_000),
+        help="closed loop: clients in flight, e.g. 1,8,32,64 (default: 1,8,32,64)",
     )
-    levels.add_argument("--rate", type=_csv(float), help="open loop: requests/s, e.g. 500,1000,2000")
+    levels.add_argument(
+        "--rate", type=bounded_list(float, 0.01, 10_000_000), help="open loop: requests/s, e.g. 500,1000,2000"
+    )
     load.add_argument(
         "--arrivals", choices=["constant", "poisson"], default="constant", help="open loop arrivals"
     )
-    load.add_argument("--streams", type=int, default=4, help="open loop with --stream: streams (default: 4)")
-    load.add_argument("--duration", type=float, default=5.0, help="measured seconds per level (default: 5)")
-    load.add_argument("--requests", type=int, default=0, help="measure this many requests per level instead")
     load.add_argument(
-        "--warmup", type=float, default=1.0, help="unmeasured seconds before each level (default: 1)"
+        "--streams", type=bounded(int, 1, 10_000), default=4, help="open loop with --stream: streams"
     )
-    load.add_argument("--procs", type=int, default=1, help="load generator processes (default: 1)")
     load.add_argument(
-        "--timeout", type=float, default=10.0, help="per-request deadline, seconds (default: 10)"
+        "--duration", type=bounded(float, 0.01, 86_400), default=5.0, help="measured seconds per level"
+    )
+    load.add_argument(
+        "--requests",
+        type=bounded(int, 0, 1_000_000_000),
+        default=0,
+        help="measure this many requests per level instead of --duration (0: use --duration)",
+    )
+    load.add_argument(
+        "--warmup", type=bounded(float, 0, 3600), default=1.0, help="unmeasured seconds before each level"
+    )
+    load.add_argument("--procs", type=bounded(int, 1, 256), default=1, help="load generator processes")
+    load.add_argument(
+        "--timeout", type=bounded(float, 0.001, 86_400), default=10.0, help="per-request deadline, seconds"
     )
     load.add_argument(
         "--late-ms",
-        type=float,
+        type=bounded(float, 0.001, 60_000),
         default=2.0,
-        help="open loop: a send this late counts as late (default: 2; asyncio's timers have 1 ms resolution)",
+        help="open loop: a send this late counts as late (asyncio's timers have 1 ms resolution)",
     )
-    load.add_argument("--seed", type=int, default=0, help="arrival times and digit order")
+    load.add_argument(
+        "--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="arrival times and digit order"
+    )
     base = p.add_argument_group("baselines and output")
+    base.add_argument("--baselines", choices=["all", "ceiling", "floor", "none"], default="all", help="which")
     base.add_argument(
-        "--baselines", choices=["all", "ceiling", "floor", "none"], default="all", help="(default: all)"
-    )
-    base.add_argument(
-        "--ceiling-batch-sizes", type=_csv(int), help="default: 1,8,32,64,128 + images per request"
+        "--ceiling-batch-sizes",
+        type=bounded_list(int, 1, 65_536),
+        help="ORT ceiling batch sizes (default: 1,8,32,64,128 and the images per request)",
     )
     base.add_argument("--out", type=Path, default=Path("bench-results"), help="JSON/CSV/PNG directory")
     base.add_argument(
@@ -197,8 +209,16 @@ def connection(args: argparse.Namespace, targets: tuple[str, ...]) -> Connection
 
     token = args.token_file.read_text().strip() if args.token_file else None
     return Connection(
-        targets, read(args.tls_ca), read(args.tls_key), read(args.tls_cert), args.tls_server_name, token
-    )
+        targets, read(args.tls_ca), read(args.tls_key), read(args.tls_cert), args.tls_server_name, token,
+        connections=args.connections,
+    )  # fmt: skip
+
+
+def split_targets(text: str) -> tuple[str, ...]:
+    """`--server A,B` is two targets; a target with a gRPC scheme (dns:, ipv4:...) is one, commas included."""
+    if text.startswith(("dns:", "ipv4:", "ipv6:", "unix:")):
+        return (text,)
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,8 +230,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--spawn needs --repo")
     if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_cert and not args.tls_ca):
         parser.error("mTLS needs --tls-ca, --tls-cert and --tls-key together")
-    if args.images_per_request < 1 or args.procs < 1 or args.streams < 1 or args.duration <= 0:
-        parser.error("--images-per-request, --procs, --streams and --duration must be positive")
     configs = parse_configs(args, parser)
     try:
         for path in (args.tls_ca, args.tls_cert, args.tls_key, args.token_file):
@@ -278,7 +296,7 @@ def run_config(pool, args, config: Config, levels: list[Level], images, labels, 
             spawned.wait_serving(conn)
             probe = Probe((spawned.metrics_url,), config.model, spawned.process.pid)
         else:
-            conn = connection(args, tuple(args.server.split(",")))
+            conn = connection(args, split_targets(args.server))
             probe = Probe(tuple(args.metrics_url.split(",")) if args.metrics_url else (), config.model)
         workload = build_workload(
             config.api, config.stream, config.model, config.version, images, labels, config.images_per_request

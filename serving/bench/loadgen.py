@@ -18,13 +18,15 @@ import grpc
 import numpy as np
 
 from serving.bench.apis import BadResponse, Workload, check, decode
+from serving.channels import open_aio_channel
 
 Record = tuple[float, float, int, str, bytes | None]  # scheduled/sent, done, request index, status, reply
 
 
 @dataclass(frozen=True)
 class Connection:
-    """Where and how to connect: targets (round-robin), optional TLS and bearer token."""
+    """Where and how to connect: targets, each over `connections` channels (calls go round-robin over all
+    of them, see serving.channels), optional TLS and bearer token."""
 
     targets: tuple[str, ...]
     root_certificates: bytes | None = None
@@ -33,20 +35,18 @@ class Connection:
     server_name: str | None = None
     token: str | None = None
     max_message_bytes: int = 64 * 1024 * 1024
+    connections: int = 1
 
     def channel(self, target: str) -> grpc.aio.Channel:
-        options = [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
-        ]
-        if self.server_name:
-            options.append(("grpc.ssl_target_name_override", self.server_name))
-        if self.root_certificates is None:
-            return grpc.aio.insecure_channel(target, options=options)
-        credentials = grpc.ssl_channel_credentials(
-            self.root_certificates, self.private_key, self.certificate_chain
-        )
-        return grpc.aio.secure_channel(target, credentials, options=options)
+        credentials = None
+        if self.root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(
+                self.root_certificates, self.private_key, self.certificate_chain
+            )
+        return open_aio_channel(target, self.max_message_bytes, credentials, self.server_name)
+
+    def channels(self) -> list[grpc.aio.Channel]:
+        return [self.channel(t) for t in self.targets for _ in range(self.connections)]
 
     def metadata(self) -> tuple[tuple[str, str], ...] | None:
         return (("authorization", f"Bearer {self.token}"),) if self.token else None
@@ -145,13 +145,14 @@ def run(spec: RunSpec) -> RunResult:
 
 
 async def _run(spec: RunSpec) -> RunResult:
-    channels = [spec.connection.channel(t) for t in spec.connection.targets]
+    channels = spec.connection.channels()
     try:
-        for target, channel in zip(spec.connection.targets, channels, strict=True):
+        for channel in channels:
             try:
                 await asyncio.wait_for(channel.channel_ready(), spec.timeout_s)
             except TimeoutError:
-                raise ConnectionError(f"cannot connect to {target} within {spec.timeout_s:g} s") from None
+                targets = ", ".join(spec.connection.targets)
+                raise ConnectionError(f"cannot connect to {targets} within {spec.timeout_s:g} s") from None
         # Align with the other generator processes on the wall clock, then work on perf_counter.
         await asyncio.sleep(max(0.0, spec.start_at - time.time()))
         t0, cpu = time.perf_counter(), time.process_time()

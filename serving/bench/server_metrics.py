@@ -17,11 +17,17 @@ CPU = "server_cpu_seconds"
 
 def scrape(urls: list[str], model: str, pid: int | None = None, timeout_s: float = 5.0) -> Sample:
     """Sum the counters and histogram sums/counts for `model` over every replica's /metrics, plus the
-    server's CPU seconds: of process `pid` (a spawned server) or from process_cpu_seconds_total."""
+    server's CPU seconds: of process `pid` and its workers (a spawned server), or from
+    process_cpu_seconds_total (which covers a server's workers too)."""
     totals: Sample = defaultdict(float)
-    if pid is not None:
-        cpu = psutil.Process(pid).cpu_times()
-        totals[CPU] = cpu.user + cpu.system
+    if pid is not None:  # the server process and its worker processes, if any
+        server = psutil.Process(pid)
+        for process in (server, *server.children(recursive=True)):
+            try:
+                cpu = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            totals[CPU] += cpu.user + cpu.system
     for url in urls:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             text = response.read().decode()

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.bench.loadgen import Connection
+from serving.channels import open_channel
 
 
 class SpawnError(Exception):
@@ -104,10 +105,9 @@ class Spawned:
 
 
 def _sync_channel(connection: Connection, target: str) -> grpc.Channel:
-    if connection.root_certificates is None:
-        return grpc.insecure_channel(target)
-    credentials = grpc.ssl_channel_credentials(
-        connection.root_certificates, connection.private_key, connection.certificate_chain
-    )
-    options = [("grpc.ssl_target_name_override", connection.server_name)] if connection.server_name else []
-    return grpc.secure_channel(target, credentials, options=options)
+    credentials = None
+    if connection.root_certificates is not None:
+        credentials = grpc.ssl_channel_credentials(
+            connection.root_certificates, connection.private_key, connection.certificate_chain
+        )
+    return open_channel(target, connection.max_message_bytes, credentials, connection.server_name)

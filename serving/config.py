@@ -1,0 +1,149 @@
+"""mnist-serve's configuration: every setting, its default, its flag and its valid range, in one dataclass.
+
+The command line is derived from these fields (serving.commandline), so a default or a range is written once;
+tests and embedding programs build ServerConfig directly and get the same checks.
+"""
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from serving.channels import MAX_MESSAGE_BYTES
+from serving.commandline import flag, require, within
+from serving.runtime import RuntimeOptions
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MAX_PORT = 65535
+DAY_SECONDS = 86_400.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    repo: Path = field(default=Path("models"), metadata=flag("model repository directory (Triton layout)"))
+    host: str = field(default="0.0.0.0", metadata=flag("gRPC listen address"))
+    port: int = field(default=8001, metadata=flag("gRPC port (0 = any free port)"))
+    metrics_host: str = field(default="127.0.0.1", metadata=flag("Prometheus /metrics listen address"))
+    metrics_port: int = field(default=8002, metadata=flag("Prometheus port (0 = any free port, -1 = off)"))
+    workers: int | None = field(
+        default=None,
+        metadata=flag(
+            "server processes sharing the port (SO_REUSEPORT), each with its own batchers and sessions; "
+            "default: one per CPU core this process may use (os.sched_getaffinity), at most 2 on CUDA",
+            metavar="N",
+        ),
+    )
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    max_batch_size: int | None = field(
+        default=None, metadata=flag("images per ONNX Runtime run (default: config.pbtxt's max_batch_size)")
+    )
+    max_queue_delay_us: int | None = field(
+        default=None,
+        metadata=flag("wait up to this long for a fuller batch (default: config.pbtxt's dynamic_batching)"),
+    )
+    max_queue_images: int = field(
+        default=4096, metadata=flag("images queued per model version before RESOURCE_EXHAUSTED")
+    )
+    max_images_per_request: int = field(default=1024, metadata=flag("images in one request"))
+    max_image_bytes: int = field(default=4 * 1024 * 1024, metadata=flag("bytes of one encoded image"))
+    max_image_pixels: int = field(
+        default=4096 * 4096, metadata=flag("declared width x height of one encoded image")
+    )
+    max_message_bytes: int = field(default=MAX_MESSAGE_BYTES, metadata=flag("gRPC message size limit"))
+    max_concurrent_rpcs: int = field(
+        default=1024,
+        metadata=flag("RPCs handled at once per process (a stream counts as one); more wait, unread"),
+    )
+    poll_seconds: float | None = field(
+        default=None,
+        metadata=flag(
+            "rescan the repository this often for new versions (default: only at start)",
+            name="--poll",
+            metavar="SECONDS",
+        ),
+    )
+    max_connection_age_seconds: float | None = field(
+        default=None,
+        metadata=flag(
+            "close each client connection after this long, so clients reconnect and re-resolve their target "
+            "and replicas added since get a share (default: connections stay open)",
+            name="--max-connection-age",
+            metavar="SECONDS",
+        ),
+    )
+    grace_seconds: float = field(
+        default=10.0,
+        metadata=flag("seconds to finish in-flight requests on shutdown", name="--grace", metavar="SECONDS"),
+    )
+    tls_cert: Path | None = field(
+        default=None, metadata=flag("PEM certificate chain: serve TLS (default: plaintext)")
+    )
+    tls_key: Path | None = field(default=None, metadata=flag("PEM private key for --tls-cert"))
+    tls_client_ca: Path | None = field(
+        default=None, metadata=flag("PEM CA: require client certificates it signed (mTLS)")
+    )
+    auth_token_file: Path | None = field(
+        default=None, metadata=flag("require 'authorization: Bearer <token in file>' (default: no auth)")
+    )
+    log_level: str = field(default="INFO", metadata=flag("log level", choices=LOG_LEVELS))
+
+    def __post_init__(self) -> None:
+        c = type(self)
+        require(within(self.port, 0, MAX_PORT), c, "port", f"within 0..{MAX_PORT}", self.port)
+        require(within(self.metrics_port, -1, MAX_PORT), c, "metrics_port", f"within -1..{MAX_PORT}",
+                self.metrics_port)  # fmt: skip
+        if self.workers is not None:
+            require(within(self.workers, 1, 1024), c, "workers", "within 1..1024", self.workers)
+        if self.max_batch_size is not None:
+            require(within(self.max_batch_size, 1, 65536), c, "max_batch_size", "within 1..65536",
+                    self.max_batch_size)  # fmt: skip
+        if self.max_queue_delay_us is not None:
+            require(within(self.max_queue_delay_us, 0, 10_000_000), c, "max_queue_delay_us",
+                    "within 0..10000000 (10 s)", self.max_queue_delay_us)  # fmt: skip
+        for name, high in (
+            ("max_queue_images", 10_000_000),
+            ("max_images_per_request", 1_000_000),
+            ("max_image_bytes", 2**31 - 1),
+            ("max_image_pixels", 2**31 - 1),
+            ("max_message_bytes", 2**31 - 1),  # gRPC's limits are 32-bit signed
+            ("max_concurrent_rpcs", 1_000_000),
+        ):
+            value = getattr(self, name)
+            require(within(value, 1, high), c, name, f"within 1..{high}", value)
+        if self.poll_seconds is not None:
+            require(within(self.poll_seconds, 0.01, DAY_SECONDS), c, "poll_seconds",
+                    "within 0.01..86400 (omit it to scan only at start)", self.poll_seconds)  # fmt: skip
+        if self.max_connection_age_seconds is not None:
+            require(within(self.max_connection_age_seconds, 1, DAY_SECONDS), c, "max_connection_age_seconds",
+                    "within 1..86400", self.max_connection_age_seconds)  # fmt: skip
+        require(within(self.grace_seconds, 0, 3600), c, "grace_seconds", "within 0..3600", self.grace_seconds)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        require(self.log_level in LOG_LEVELS, c, "log_level", " or ".join(LOG_LEVELS), self.log_level)
+        object.__setattr__(self, "repo", Path(self.repo))
+
+    @property
+    def tls(self) -> str:
+        return "mtls" if self.tls_client_ca else "tls" if self.tls_cert else "off"
+
+    def worker_count(self, provider: str) -> int:
+        """--workers, or the default: one per usable core (measured: benchmarks/serving.md); at most 2 on
+        CUDA, where every worker holds its own CUDA context and sessions on the one GPU."""
+        if self.workers is not None:
+            return self.workers
+        cores = usable_cores()
+        return min(cores, 2) if provider == "CUDAExecutionProvider" else cores
+
+
+def usable_cores() -> int:
+    """The cores this process may run on, capped by a cgroup v2 CPU quota (a container's CPU limit)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 CPU controller here: the affinity mask is the limit
+    return cores
