@@ -25,6 +25,8 @@ from serving.runtime import (
 from training import models
 from training.export import to_onnx
 
+import helpers
+
 HAS_CUDA = CUDA in ort.get_available_providers() and cuda_device_count() > 0
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA GPU (CPU-only here)")
 
@@ -42,34 +44,11 @@ def cnn_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def linear_model(
-    path: Path,
-    input_name: str = "images",
-    input_type: int = TensorProto.UINT8,
-    input_shape: tuple = ("N", 1, 28, 28),
-    classes: int = 10,
-    weight: float = 0.01,
-) -> Path:
-    """A tiny softmax-regression graph whose I/O can be bent to break the contract one way at a time."""
-    weights = helper.make_tensor(
-        "w", TensorProto.FLOAT, [784, classes], RNG.normal(size=784 * classes) * weight
-    )
-    nodes = [
-        helper.make_node("Cast", [input_name], ["x"], to=TensorProto.FLOAT),
-        helper.make_node("Flatten", ["x"], ["flat"]),
-        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "linear",
-        [helper.make_tensor_value_info(input_name, input_type, list(input_shape))],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])],
-        [weights],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "variant", "int8"
+def linear_model(path: Path, weight: float = 0.01, **bend) -> Path:
+    """A tiny softmax-regression graph whose I/O `bend` can break one way at a time (helpers.linear_model)."""
+    classes = bend.get("classes", 10)
+    model = helpers.linear_model(RNG.normal(size=(784, classes)).astype(np.float32) * weight, **bend)
+    helper.set_model_props(model, {"variant": "int8"})
     onnx.save(model, path)
     return path
 

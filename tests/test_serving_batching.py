@@ -2,7 +2,6 @@
 queue is bounded, expired requests are dropped before compute, a failed batch fails all its requests."""
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from serving.proto.inference import grpc_service_pb2_grpc
 from serving.runtime import ModelSession, RuntimeOptions
 from serving.statistics import VersionStatistics
 
+from helpers import assert_same_probabilities, wait_for
+
 
 def request(images: np.ndarray) -> pb.ModelInferRequest:
     tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=list(images.shape))
@@ -26,13 +27,6 @@ def request(images: np.ndarray) -> pb.ModelInferRequest:
 
 def probabilities(response: pb.ModelInferResponse) -> np.ndarray:
     return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(-1, 10)
-
-
-def wait_for(condition, seconds: float = 10.0) -> None:
-    end = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def test_concurrent_requests_are_batched_and_equal_unbatched(start_server, repo,
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
         futures = [pool.submit(stub.ModelInfer, request(images[i : i + 1]), timeout=30) for i in range(96)]
         results = np.concatenate([probabilities(f.result()) for f in futures])
-    np.testing.assert_array_equal(results, unbatched[:96])
+    assert_same_probabilities(results, unbatched[:96])
     runs = running.metric("mnist_batch_size_count", model="mnist")
     assert running.metric("mnist_batch_size_sum", model="mnist") == 96
     assert 96 / runs > 1, f"{runs} runs for 96 single-image requests: nothing was batched"
@@ -62,7 +56,7 @@ def test_large_request_is_split_into_max_batch_size_runs(start_server, repo, ima
     running = start_server(repo, max_batch_size=128)
     with running.channel() as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        np.testing.assert_array_equal(probabilities(stub.ModelInfer(request(images), timeout=30)), unbatched)
+        assert_same_probabilities(probabilities(stub.ModelInfer(request(images), timeout=30)), unbatched)
     assert running.metric("mnist_batch_size_count", model="mnist") >= 5  # 600 images, at most 128 per run
     assert running.metric("mnist_batch_size_bucket", model="mnist", le="128.0") == running.metric(
         "mnist_batch_size_count", model="mnist"
@@ -70,24 +64,26 @@ def test_large_request_is_split_into_max_batch_size_runs(start_server, repo, ima
 
 
 def test_full_queue_rejects_at_once_and_expired_requests_are_dropped(start_server, repo, images) -> None:
-    # A long queue delay holds the first request in the queue while the others arrive.
-    running = start_server(repo, max_batch_size=256, max_queue_images=256, max_queue_delay_us=3_000_000)
+    # A batch forms only when 256 images are queued (or after 10 s): requests wait until the test fills it.
+    running = start_server(repo, max_batch_size=256, max_queue_images=256, max_queue_delay_us=10_000_000)
     with running.channel() as channel, ThreadPoolExecutor(2) as pool:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        first = pool.submit(stub.ModelInfer, request(images[:200]), timeout=30)
+        first = pool.submit(stub.ModelInfer, request(images[:200]), timeout=60)
         wait_for(lambda: running.metric("mnist_queue_depth", model="mnist") == 200)
         with pytest.raises(grpc.RpcError) as error:
-            stub.ModelInfer(request(images[200:300]), timeout=30)
+            stub.ModelInfer(request(images[200:300]), timeout=60)
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue full" in error.value.details()
         assert not first.done()  # rejected at once, not after waiting for room in the queue
         with pytest.raises(grpc.RpcError) as error:
             stub.ModelInfer(request(images[:1]), timeout=0.2)  # expires while queued
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert probabilities(first.result()).shape == (200, 10)
-    wait_for(lambda: running.metric("mnist_requests_dropped_total", reason="deadline_expired") == 1)
+        assert not first.done()
+        rest = stub.ModelInfer(request(images[300:355]), timeout=60)  # 200 + 1 + 55 = 256: a full batch
+        assert probabilities(first.result()).shape == (200, 10) and probabilities(rest).shape == (55, 10)
+    assert running.metric("mnist_requests_dropped_total", reason="deadline_expired") == 1
     assert running.metric("mnist_requests_dropped_total", reason="queue_full") == 1
-    assert running.metric("mnist_batch_size_sum", model="mnist") == 200  # the expired image was not computed
+    assert running.metric("mnist_batch_size_sum", model="mnist") == 255  # the expired image was not computed
 
 
 def test_a_failed_batch_fails_every_request_in_it() -> None:
@@ -121,5 +117,5 @@ def test_one_stream_is_pipelined_into_batches(start_server, repo, images, unbatc
             stub.ModelStreamInfer(iter([request(images[i : i + 1]) for i in range(48)]), timeout=30)
         )
     results = np.concatenate([probabilities(r.infer_response) for r in responses])
-    np.testing.assert_array_equal(results, unbatched[:48])  # in request order
+    assert_same_probabilities(results, unbatched[:48])  # in request order
     assert running.metric("mnist_batch_size_count", model="mnist") < 48

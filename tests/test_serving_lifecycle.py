@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.request import urlopen
@@ -23,6 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
 
+from helpers import wait_for
+
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 ONE = np.zeros((1, 1, 28, 28), np.uint8)
 
@@ -32,13 +33,6 @@ def infer_request(version: str = "", images: np.ndarray = ONE) -> pb.ModelInferR
     return pb.ModelInferRequest(
         model_name="mnist", model_version=version, inputs=[tensor], raw_input_contents=[images.tobytes()]
     )
-
-
-def wait_for(condition, seconds: float = 15.0) -> None:
-    end = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def add_version(repo: Path, version: int, model_bytes: bytes) -> None:

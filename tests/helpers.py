@@ -1,0 +1,102 @@
+"""What several test files share: waiting on a condition, the one tolerance for batched results, and small
+ONNX models built by hand (to serve without training, or to break the contract one way at a time)."""
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from serving.contract import IMAGE_PIXELS, INPUT_NAME, LABELS, NUM_CLASSES, OUTPUT_NAME
+
+# Batched and unbatched runs of one model on CPU use the same kernels; rows may differ by float rounding.
+BATCH_TOLERANCE = 1e-6
+
+
+def assert_same_probabilities(got: np.ndarray, want: np.ndarray) -> None:
+    np.testing.assert_allclose(got, want, rtol=0, atol=BATCH_TOLERANCE)
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def wait_for(condition: Callable[[], object], seconds: float = 30.0, what: str = "condition") -> None:
+    """Poll until `condition()` is true: synchronise on an observable state, never on a fixed sleep."""
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, f"{what} not reached within {seconds:g} s"
+        time.sleep(0.02)
+
+
+CONFIG = """name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {max_batch_size}
+input [ {{ name: "images" data_type: TYPE_UINT8 dims: [ 1, 28, 28 ] }} ]
+output [ {{ name: "probabilities" data_type: TYPE_FP32 dims: [ 10 ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: 0 }}
+"""
+
+
+def linear_model(
+    weights: np.ndarray | None = None,
+    *,
+    input_name: str = INPUT_NAME,
+    input_type: int = TensorProto.UINT8,
+    input_shape: tuple = ("N", 1, 28, 28),
+    output: str = OUTPUT_NAME,
+    classes: int = NUM_CLASSES,
+    normalise: bool = False,
+) -> onnx.ModelProto:
+    """Softmax regression on the pixels: uint8 images -> probabilities, honouring the serving contract
+    unless an argument bends it. `weights` [784, classes] (default: zeros, so every class gets 0.1);
+    `normalise` applies the MNIST normalisation in the graph, as exported models do."""
+    if weights is None:
+        weights = np.zeros((IMAGE_PIXELS, classes), np.float32)
+    batch = input_shape[0]
+    nodes = [helper.make_node("Cast", [input_name], ["as_float"], to=TensorProto.FLOAT)]
+    constants = {"flat": np.array([-1, IMAGE_PIXELS], np.int64), "w": weights.astype(np.float32)}
+    if normalise:
+        nodes += [
+            helper.make_node("Div", ["as_float", "scale"], ["unit"]),
+            helper.make_node("Sub", ["unit", "mean"], ["centred"]),
+            helper.make_node("Div", ["centred", "std"], ["features"]),
+        ]
+        constants |= {"scale": np.array(255.0, np.float32), "mean": np.array(0.1307, np.float32),
+                      "std": np.array(0.3081, np.float32)}  # fmt: skip
+    else:
+        nodes.append(helper.make_node("Identity", ["as_float"], ["features"]))
+    nodes += [
+        helper.make_node("Reshape", ["features", "flat"], ["x"]),
+        helper.make_node("MatMul", ["x", "w"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], [output], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info(input_name, input_type, list(input_shape))],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, [batch, classes])],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"labels": ",".join(LABELS), "arch": "linear", "variant": "fp32"})
+    return model
+
+
+def fitted_weights(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Ridge-regression weights for linear_model(normalise=True): ~85 % on MNIST, fitted in a second."""
+    x = (images.reshape(-1, IMAGE_PIXELS) / 255.0 - 0.1307) / 0.3081
+    y = np.eye(NUM_CLASSES)[labels]
+    return np.linalg.solve(x.T @ x + 100.0 * np.eye(IMAGE_PIXELS), x.T @ (y * 8.0 - 4.0)).astype(np.float32)
+
+
+def add_model(
+    repo: Path, name: str, model: onnx.ModelProto | bytes, version: int = 1, config: str = CONFIG,
+    max_batch_size: int = 8,
+) -> Path:  # fmt: skip
+    """Write model (and config.pbtxt) into the repository layout; returns the model file."""
+    (repo / name / str(version)).mkdir(parents=True, exist_ok=True)
+    (repo / name / "config.pbtxt").write_text(config.format(name=name, max_batch_size=max_batch_size))
+    path = repo / name / str(version) / "model.onnx"
+    path.write_bytes(model if isinstance(model, bytes) else model.SerializeToString())
+    return path
