@@ -41,6 +41,10 @@ def channel_options(max_message_bytes: int, server_name: str | None = None) -> l
         ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
         ("grpc.enable_retries", 1),
         ("grpc.use_local_subchannel_pool", 1),  # this channel's own connections, not shared ones
+        # A connection that broke (its process stopped) is tried again soon: the kernel hands the new one
+        # to a process that still listens. gRPC's default first back-off is a whole second.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 5000),
     ]
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))

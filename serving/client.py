@@ -89,7 +89,11 @@ CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 class MnistClient:
     """Thread-safe. Calls go round-robin over `connections` channels (see serving.channels), so the load
-    of one client spreads over a server's worker processes and, with a multi-address target, its replicas."""
+    of one client spreads over a server's worker processes and, with a multi-address target, its replicas.
+
+    A unary call that fails with UNAVAILABLE (its connection's worker or replica went away) is sent again on
+    the next channel, at most once per channel: inference is idempotent, and another channel is most
+    likely connected to a process that still serves while the broken one reconnects."""
 
     def __init__(
         self,
@@ -125,8 +129,13 @@ class MnistClient:
         request = pb.ClassifyRequest(
             model=self.model, version=version, top_k=top_k, images=[to_image_message(i) for i in images]
         )
-        stub = next(self._stubs)
-        return from_response(stub.Classify(request, timeout=self.timeout, metadata=self.metadata))
+        for attempt in range(len(self.channels)):
+            try:
+                reply = next(self._stubs).Classify(request, timeout=self.timeout, metadata=self.metadata)
+                return from_response(reply)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == len(self.channels) - 1:
+                    raise
 
     def classify_each(
         self, images: Iterable[ImageLike], top_k: int = 3, version: str = ""

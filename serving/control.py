@@ -112,9 +112,12 @@ class WorkerControl:
 
     async def _ask(self, op: str, argument):
         key = next(self._ids)
-        self._waiting[key] = self._loop.create_future()
-        self.send(("ask", key, op, argument))
-        error, payload = await self._waiting.pop(key)
+        answer = self._waiting[key] = self._loop.create_future()
+        try:
+            self.send(("ask", key, op, argument))
+            error, payload = await answer
+        finally:
+            del self._waiting[key]
         if error is not None:
             raise error_from(error)
         return payload

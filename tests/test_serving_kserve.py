@@ -130,7 +130,7 @@ def test_tritonclient_interop(server, digits, expected, tmp_path: Path) -> None:
     images_path = tmp_path / "images.npy"
     np.save(images_path, digits[0][:4])
     done = subprocess.run(
-        [sys.executable, str(HERE / "tritonclient_interop.py"), server.target, str(images_path)],
+        [sys.executable, str(HERE / "tritonclient_interop.py"), "infer", server.target, str(images_path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -149,3 +149,38 @@ def test_reflection_lists_both_apis(server) -> None:
     with server.channel() as channel:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"inference.GRPCInferenceService", "mnist.v1.Classifier", "grpc.health.v1.Health"} <= services
+
+
+def triton_statistics(target: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, str(HERE / "tritonclient_interop.py"), "statistics", target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_model_statistics_count_what_was_served(start_server, repo, digits) -> None:
+    running = start_server(repo)
+    with running.channel() as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for n in (1, 3, 5):
+            stub.ModelInfer(infer_request(digits[0][:n]))
+        with pytest.raises(grpc.RpcError):
+            stub.ModelInfer(infer_request(digits[0][:1], id="x", model_version="7"))  # no such version
+        bad = infer_request(digits[0][:2])
+        bad.inputs[0].shape[0] = 3  # payload of 2 images: refused, counted as a failure of mnist/1
+        with pytest.raises(grpc.RpcError):
+            stub.ModelInfer(bad)
+    (stats,) = triton_statistics(running.target)["model_stats"]
+    assert (stats["name"], stats["version"]) == ("mnist", "1")
+    assert int(stats["inference_count"]) == 9 and 1 <= int(stats["execution_count"]) <= 3
+    inference = stats["inference_stats"]
+    assert int(inference["success"]["count"]) == 3 and int(inference["fail"]["count"]) == 1
+    for phase in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        assert int(inference[phase]["ns"]) > 0, phase
+    batches = stats["batch_stats"]
+    assert sum(int(b["batch_size"]) * int(b["compute_infer"]["count"]) for b in batches) == 9
+    assert int(stats["last_inference"]) > 1_700_000_000_000  # milliseconds since the epoch

@@ -1,6 +1,10 @@
-"""Run by test_serving_kserve.py in a subprocess: tritonclient registers its own `inference.*` protobuf
-messages, which clash with serving.proto's in one process. Talks to the server at argv[1] with the
-unmodified tritonclient.grpc client and prints one JSON object with what it saw."""
+"""Run by the tests in a subprocess: tritonclient registers its own `inference.*` protobuf messages, which
+clash with serving.proto's in one process. Talks to a server with the unmodified tritonclient.grpc
+client and prints one JSON object with what it saw.
+
+    python tritonclient_interop.py infer TARGET IMAGES.npy    metadata, readiness, one inference
+    python tritonclient_interop.py statistics TARGET          get_inference_statistics for every model
+"""
 
 import json
 import sys
@@ -38,5 +42,13 @@ def main(target: str, images_path: str) -> None:
     )
 
 
+def statistics(target: str) -> None:
+    client = triton.InferenceServerClient(target)
+    print(json.dumps(client.get_inference_statistics(as_json=True)))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "infer":
+        main(sys.argv[2], sys.argv[3])
+    else:
+        statistics(sys.argv[2])
