@@ -1,0 +1,116 @@
+"""Clients past one machine: three mnist-serve replicas on 127.0.0.1, 127.0.0.2 and 127.0.0.3 (one port,
+as pods behind a headless Service), reached through one `ipv4:` target with round_robin and retries.
+
+The replicas are real `mnist-serve` processes; the loopback addresses stand in for pod addresses.
+"""
+
+import threading
+import urllib.request
+from collections import Counter
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.bench.loadgen import Connection
+from serving.bench.spawn import Spawned, free_port, serve_command
+from serving.client import MnistClient
+
+from helpers import wait_for
+
+HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+
+
+def answered_by(replica: Spawned) -> int:
+    text = urllib.request.urlopen(replica.metrics_url, timeout=10).read().decode()
+    return sum(
+        int(s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "mnist_requests_total" and s.labels["status"] == "OK"
+    )
+
+
+@pytest.fixture
+def replicas(trained_repo, tmp_path):
+    port = free_port()
+    started = []
+    try:
+        for i, host in enumerate(HOSTS):
+            command = [
+                *serve_command(),
+                "--repo",
+                str(trained_repo),
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(free_port()),
+                "--workers",
+                "1",
+                "--device",
+                "cpu",
+                "--grace",
+                "10",
+            ]
+            replica = Spawned(command, port, int(command[command.index("--metrics-port") + 1]),
+                              tmp_path / f"replica{i}.log")  # fmt: skip
+            replica.target = f"{host}:{port}"
+            started.append(replica)
+        for replica in started:
+            replica.wait_serving(Connection((replica.target,)))
+        yield started, "ipv4:" + ",".join(f"{host}:{port}" for host in HOSTS)
+    finally:
+        for replica in started:
+            replica.stop()
+
+
+def test_one_target_spreads_over_every_replica(replicas, mnist) -> None:
+    servers, target = replicas
+    with MnistClient(target, connections=1) as client:  # one channel: round_robin alone spreads the calls
+        for i in range(60):
+            assert client.classify(mnist.test_images[i]).predictions[0].label in range(10)
+    counts = [answered_by(s) for s in servers]
+    assert sum(counts) == 60 and min(counts) >= 15, counts  # round robin: about 20 each
+
+
+@pytest.mark.parametrize("stop_signal", ["SIGKILL", "SIGTERM"])
+def test_the_client_moves_to_the_other_replicas_when_one_stops(replicas, mnist, stop_signal) -> None:
+    servers, target = replicas
+    errors, answered, stop = Counter(), Counter(), threading.Event()
+
+    def load(client: MnistClient) -> None:
+        while not stop.is_set():
+            try:
+                client.classify(mnist.test_images[:2], top_k=1)
+                answered["total"] += 1
+            except grpc.RpcError as e:
+                errors[e.code().name] += 1
+
+    with MnistClient(target, connections=2) as client:
+        threads = [threading.Thread(target=load, args=(client,)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_for(lambda: min(answered_by(s) for s in servers) > 10, 60, "load on every replica")
+            victim = servers[1]
+            if stop_signal == "SIGKILL":
+                victim.process.kill()
+            else:
+                victim.process.terminate()  # drains: answers what it accepted, then exits 0
+            exit_code = victim.process.wait(60)
+            before = [answered_by(s) for s in (servers[0], servers[2])]
+            wait_for(
+                lambda: all(
+                    answered_by(s) > n + 30 for s, n in zip((servers[0], servers[2]), before, strict=True)
+                ),
+                60,
+                "the other replicas taking the load",
+            )
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+    assert errors == Counter(), errors  # no failed request: retried on another replica
+    assert exit_code == (-9 if stop_signal == "SIGKILL" else 0)
