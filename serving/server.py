@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serving import eventloop
 from serving.classify import ClassifierServicer
 from serving.commandline import HelpFormatter, add_flags, build_config
 from serving.config import ServerConfig
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         workers = config.worker_count(resolve_device(config.runtime.device))
         if workers == 1:
-            asyncio.run(serve(config))
+            eventloop.run(serve(config))
             return
         from serving.supervisor import Supervisor  # only a supervising process needs it
 

@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from serving import eventloop
 from serving.config import ServerConfig
 from serving.control import error_from, merge_rows
 from serving.server import STARTUP_ERRORS, Restore, Server, configure_logging
@@ -158,7 +159,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
-        return asyncio.run(self._run())
+        return eventloop.run(self._run())
 
     async def _run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -397,7 +398,7 @@ def run_worker(config: ServerConfig, index: int, link: Connection, restore: Rest
     _die_with_supervisor()
     configure_logging(config.log_level, index)
     try:
-        asyncio.run(_serve_worker(config, index, link, restore))
+        eventloop.run(_serve_worker(config, index, link, restore))
     except STARTUP_ERRORS as e:
         _report_failure(link, str(e))
     except Exception as e:  # anything else: one line to the supervisor, not a traceback per worker

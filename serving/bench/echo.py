@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from serving import eventloop
 from serving.bench.apis import METHODS
 
 
@@ -65,7 +66,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
-    asyncio.run(serve(parser.parse_args().port))
+    eventloop.run(serve(parser.parse_args().port))
 
 
 if __name__ == "__main__":

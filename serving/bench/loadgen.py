@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from serving import eventloop
 from serving.bench.apis import BadResponse, Workload, check, decode
 from serving.channels import open_aio_channel
 
@@ -143,7 +144,7 @@ def run(spec: RunSpec) -> RunResult:
     gc.collect()
     gc.disable()
     try:
-        return asyncio.run(_run(spec))
+        return eventloop.run(_run(spec))
     finally:
         gc.enable()
 
