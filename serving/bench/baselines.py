@@ -50,7 +50,8 @@ def ort_ceiling(
     callers: int | None = None,
     options: RuntimeOptions | None = None,
 ) -> list[CeilingPoint]:
-    session = ModelSession(model_path, options or RuntimeOptions(device="cpu"))
+    # On CUDA the session pads to the same buckets the server uses, up to the largest size measured.
+    session = ModelSession(model_path, options or RuntimeOptions(device="cpu"), max(batch_sizes))
     callers = callers or os.cpu_count() or 1
     points = []
     for size in batch_sizes:

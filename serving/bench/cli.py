@@ -30,7 +30,7 @@ from serving.bench.runner import Probe, run_level
 from serving.bench.spawn import Spawned, SpawnError, serve_command
 from serving.channels import DEFAULT_CONNECTIONS
 from serving.commandline import HelpFormatter, bounded, bounded_list
-from serving.runtime import ModelLoadError
+from serving.runtime import DeviceError, ModelLoadError, RuntimeOptions
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     base = p.add_argument_group("baselines and output")
     base.add_argument("--baselines", choices=["all", "ceiling", "floor", "none"], default="all", help="which")
     base.add_argument(
+        "--ceiling-device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="device of the in-process ONNX Runtime ceiling (cuda: the server's CUDA path with its buckets)",
+    )
+    base.add_argument(
         "--ceiling-batch-sizes",
         type=bounded_list(int, 1, 65_536),
         help="ORT ceiling batch sizes (default: 1,8,32,64,128 and the images per request)",
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             if path is not None:
                 path.read_bytes()
         run_all(args, configs)
-    except (OSError, SpawnError, ModelLoadError) as e:
+    except (OSError, SpawnError, ModelLoadError, DeviceError) as e:
         print(f"mnist-bench: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
@@ -268,7 +274,10 @@ def run_all(args: argparse.Namespace, configs: list[Config]) -> None:
         )
         for model, version in dict.fromkeys((c.model, c.version) for c in configs):
             print(f"ORT ceiling: {model} at batch sizes {sizes}", file=sys.stderr)
-            ceilings[model] = ort_ceiling(newest_model(args.repo, model, version), images, sizes)
+            options = RuntimeOptions(device=args.ceiling_device)
+            ceilings[model] = ort_ceiling(
+                newest_model(args.repo, model, version), images, sizes, options=options
+            )
         print(report.ceiling_table(ceilings))
 
     rows, floor_rows, servers = [], [], []
