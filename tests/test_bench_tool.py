@@ -99,7 +99,10 @@ def test_end_to_end_outputs_are_consistent(repo, tmp_path):
         table = list(csv.DictReader(f))
     assert len(table) == len(rows) + len(floor)
     assert [int(r["ok"]) for r in table] == [r["ok"] for r in rows + floor]
-    assert len((out / "results.md").read_text().splitlines()) == 2 + len(rows) + len(floor)
+    per_level, _, summary = (out / "results.md").read_text().partition("Mean ± std over repeats:")
+    assert len(per_level.strip().splitlines()) == 2 + len(rows) + len(floor)
+    assert len(summary.strip().splitlines()) == 2 + len(rows) + len(floor)  # one repeat: one line each
+    assert report["summary"][0]["vs_first"] == 1.0 and report["load_avg_before"]
     png = (out / "latency.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 

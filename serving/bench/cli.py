@@ -12,6 +12,7 @@ freshly spawned server started with --server-args plus SERVER ARGS; BENCH ARGS m
 """
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -144,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--procs", type=bounded(int, 1, 256), default=1, help="load generator processes")
     load.add_argument(
+        "--repeat",
+        type=bounded(int, 1, 100),
+        default=1,
+        help="run every configuration (and the floor) this many times, interleaved; the summary gives mean "
+        "± std over the repeats and each configuration's throughput relative to the first",
+    )
+    load.add_argument(
         "--timeout", type=bounded(float, 0.001, 86_400), default=10.0, help="per-request deadline, seconds"
     )
     load.add_argument(
@@ -261,6 +269,8 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_all(args: argparse.Namespace, configs: list[Config]) -> None:
+    load_before = tuple(round(x, 2) for x in os.getloadavg())
+    print(f"load average before the run: {load_before}", file=sys.stderr)
     images, labels = load_digits()
     if args.rate:
         levels = [Level(rate=r, arrivals=args.arrivals, streams=args.streams) for r in args.rate]
@@ -284,12 +294,16 @@ def run_all(args: argparse.Namespace, configs: list[Config]) -> None:
     context = get_context("spawn")  # never fork a process that has live gRPC channels
     with ProcessPoolExecutor(args.procs, mp_context=context) as pool:
         list(pool.map(time.sleep, [0.2] * args.procs))  # start the generator processes now, not in a level
-        for config in configs:
-            rows += run_config(pool, args, config, levels, images, labels, servers)
-        if args.baselines in ("all", "floor"):
-            floor_rows = run_floor(pool, args, configs, levels, images, labels)
+        for repeat in range(args.repeat):  # configurations interleaved: drift hits all of them alike
+            for config in configs:
+                for row in run_config(pool, args, config, levels, images, labels, servers):
+                    rows.append(row | {"repeat": repeat})
+            if args.baselines in ("all", "floor"):
+                floor_rows += [
+                    row | {"repeat": repeat} for row in run_floor(pool, args, configs, levels, images, labels)
+                ]
     report.add_ratios(rows, floor_rows, ceilings)
-    write_outputs(args, configs, rows, floor_rows, ceilings, servers)
+    write_outputs(args, configs, rows, floor_rows, ceilings, servers, load_before)
 
 
 def run_config(pool, args, config: Config, levels: list[Level], images, labels, servers: list) -> list[dict]:
@@ -354,28 +368,38 @@ def _spec(args, workload, conn: Connection, level: Level, check: bool) -> RunSpe
     )  # fmt: skip
 
 
-def write_outputs(args, configs, rows, floor_rows, ceilings, servers) -> None:
+def write_outputs(args, configs, rows, floor_rows, ceilings, servers, load_before) -> None:
     title = f"mnist-bench: {', '.join(c.label for c in configs)} on {report.machine()['cpu']}"
     out = args.out
+    summary = report.repeat_summary(rows + floor_rows)
     report.write_json(
         out / "results.json",
         {
             "command": ["mnist-bench", *sys.argv[1:]],
             "machine": report.machine(),
+            "load_avg_before": load_before,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "servers": servers,
             "ceiling": ceilings,
             "floor": floor_rows,
             "results": rows,
+            "summary": summary,
         },
     )
     report.write_csv(out / "results.csv", rows + floor_rows)
-    (out / "results.md").write_text(report.markdown(rows + floor_rows) + "\n")
+    tables = [
+        report.markdown(rows + floor_rows),
+        "Mean ± std over repeats:",
+        report.summary_markdown(summary),
+    ]
+    (out / "results.md").write_text("\n\n".join(tables) + "\n")
     report.plot(out / "latency.png", rows, floor_rows, title)
     if ceilings:
         print(report.ceiling_table(ceilings))
     print(report.table(rows + floor_rows))
+    print(f"\nmean ± std over {args.repeat} repeat(s); load average before the run: {load_before}")
+    print(report.summary_table(summary))
     print(f"wrote {out}/results.json, results.csv, results.md, latency.png")
 
 

@@ -30,6 +30,8 @@ def summarize(config: str, setup: dict, level: Level, result: RunResult, split: 
     row = {
         "config": config,
         **setup,
+        # Includes this benchmark's own server and generators; what it shows is that nothing else ran.
+        "load_avg_1m": os.getloadavg()[0],
         "mode": "closed" if level.concurrency else "open",
         "concurrency": level.concurrency or None,
         "rate": level.rate or None,
@@ -104,6 +106,7 @@ def machine() -> dict:
         pass
     return {
         "nproc": os.cpu_count(),
+        "load_avg": os.getloadavg(),
         "cpu": cpu,
         "python": platform.python_version(),
         "os": platform.platform(),
@@ -145,7 +148,7 @@ def _cells(row: dict) -> list[str]:
     cells = []
     for title, key in TABLE:
         if title == "level":
-            cells.append(f"c={row['concurrency']}" if row["concurrency"] else f"{row['rate']:g}/s")
+            cells.append(_level_name(row))
         elif title == "mean±std ms":
             cells.append(f"{_fmt(row['mean_ms'])}±{_fmt(row['std_ms'])}")
         elif title == "errors":
@@ -161,16 +164,7 @@ def _cells(row: dict) -> list[str]:
 
 def table(rows: Iterable[dict]) -> str:
     """Fixed-width text for the terminal."""
-    lines = [[title for title, _ in TABLE], *(_cells(row) for row in rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE))]
-    text = [
-        "  ".join(
-            cell.ljust(w) if i < 2 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in lines
-    ]
-    return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+    return _fixed_width([[title for title, _ in TABLE], *(_cells(row) for row in rows)])
 
 
 def markdown(rows: Iterable[dict]) -> str:
@@ -178,6 +172,86 @@ def markdown(rows: Iterable[dict]) -> str:
     lines = ["| " + " | ".join(title for title, _ in TABLE) + " |", "|" + "---|" * len(TABLE)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+SUMMARY_FIGURES = ("images_per_s", "p50", "p99", "server_cpu_us_per_request")
+
+
+def repeat_summary(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over the repeats of each configuration at each level, and each
+    configuration's throughput relative to the first configuration at the same level (`vs_first`)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["config"], _level_key(row)), []).append(row)
+    summary = []
+    for (config, _), group in groups.items():
+        entry = {"config": config, "level": _level_name(group[0]), "repeats": len(group)}
+        entry["served"] = group[0]["model"] != "echo"
+        for key in SUMMARY_FIGURES:
+            values = [r[key] for r in group if r.get(key) is not None]
+            entry[key] = (float(np.mean(values)), float(np.std(values))) if values else None
+        entry["load_avg_1m"] = max(r["load_avg_1m"] for r in group)
+        entry["errors"] = sum(r["errors"] for r in group)
+        summary.append(entry)
+    first = summary[0]["config"] if summary else None
+    base = {s["level"]: s["images_per_s"] for s in summary if s["config"] == first and s["images_per_s"]}
+    for s in summary:
+        reference = base.get(s["level"])
+        known = reference and s["images_per_s"] and s["served"]  # the echo floor serves no model
+        s["vs_first"] = s["images_per_s"][0] / reference[0] if known else None
+    return summary
+
+
+SUMMARY_HEAD = (
+    "config",
+    "level",
+    "n",
+    "img/s",
+    "p50 ms",
+    "p99 ms",
+    "srv cpu µs/req",
+    "errors",
+    "load",
+    "×first",
+)
+
+
+def _summary_cells(s: dict) -> tuple[str, ...]:
+    def spread(pair) -> str:
+        return "-" if pair is None else f"{_fmt(pair[0])} ± {_fmt(pair[1])}"
+
+    return (
+        s["config"], s["level"], str(s["repeats"]), spread(s["images_per_s"]), spread(s["p50"]),
+        spread(s["p99"]), spread(s["server_cpu_us_per_request"]), str(s["errors"]), f"{s['load_avg_1m']:.2f}",
+        _fmt(s["vs_first"]),
+    )  # fmt: skip
+
+
+def summary_table(summary: list[dict]) -> str:
+    """Fixed-width text: mean ± std over the repeats."""
+    return _fixed_width([SUMMARY_HEAD, *(_summary_cells(s) for s in summary)])
+
+
+def _fixed_width(lines: list) -> str:
+    """Rows of cells as aligned text: the first two columns left-aligned, the figures right-aligned."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = [
+        "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    ]
+    return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+
+
+def summary_markdown(summary: list[dict]) -> str:
+    lines = ["| " + " | ".join(SUMMARY_HEAD) + " |", "|" + "---|" * len(SUMMARY_HEAD)]
+    lines += ["| " + " | ".join(_summary_cells(s)) + " |" for s in summary]
+    return "\n".join(lines)
+
+
+def _level_name(row: dict) -> str:
+    return f"c={row['concurrency']}" if row["concurrency"] else f"{row['rate']:g}/s"
 
 
 def ceiling_table(ceilings: dict[str, list[CeilingPoint]]) -> str:
