@@ -82,6 +82,12 @@ def test_freeze_needs_init_from(tmp_path, capsys):
     assert "--init-from" in error_of(capsys, "--freeze", "features", "--repo", str(tmp_path / "models"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the message for machines without a GPU")
+def test_cuda_without_a_gpu_fails_before_the_data(tmp_path, capsys):
+    line = error_of(capsys, "--device", "cuda", "--data-dir", str(tmp_path / "nope"), "--repo", str(tmp_path))
+    assert "no CUDA GPU" in line  # not the missing --data-dir: the device is checked first
+
+
 def test_resume_from_missing_checkpoint(tmp_path, capsys):
     assert "does not exist" in error_of(
         capsys, "--resume", str(tmp_path / "none.pt"), "--repo", str(tmp_path)

@@ -38,6 +38,7 @@ from training.train import (  # noqa: E402
     flag,
     overfit_batch,
     read_checkpoint,
+    torch_device,
     train,
 )
 from training.variants import VariantError, build_variant  # noqa: E402
@@ -318,6 +319,7 @@ def run(argv: list[str] | None = None) -> None:
         if name is not None:
             check_name(name)
     check_writable(args.repo)
+    torch_device(cfg.device)  # --device cuda without a GPU: fail now, not after loading the data
     resume = load_checkpoint(args.resume, cfg) if args.resume else None
     planned = resume["config"].get("epochs") if resume is not None else cfg.epochs
     if cfg.schedule == "onecycle" and planned != cfg.epochs:

@@ -148,7 +148,8 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     with bf16 instructions (elsewhere PyTorch emulates bf16, slower than FP32)."""
     if device.type == "cuda":
         return torch.float16
-    capabilities = torch.cpu.get_capabilities()
+    # Older torch cannot tell: FP32 there.
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"):
         return torch.bfloat16
     return None
