@@ -1,18 +1,22 @@
-"""mnist-train end to end: bad input gives one clear line and writes nothing; 1 real epoch serves >= 98%."""
+"""mnist-train end to end: every flag checked before anything starts, bad input gives one clear line and
+writes nothing; the default recipe is the documented one; 1 real epoch serves >= 98%."""
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from training.cli import main
-from training.data import load_mnist
+from training.cli import ARCH_PRESETS, build_parser, main, parse_config
 from training.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def mnist_train(*args, cwd=None):
@@ -78,10 +82,134 @@ def test_freeze_needs_init_from(tmp_path, capsys):
     assert "--init-from" in error_of(capsys, "--freeze", "features", "--repo", str(tmp_path / "models"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the message for machines without a GPU")
+def test_cuda_without_a_gpu_fails_before_the_data(tmp_path, capsys):
+    line = error_of(capsys, "--device", "cuda", "--data-dir", str(tmp_path / "nope"), "--repo", str(tmp_path))
+    assert "no CUDA GPU" in line  # not the missing --data-dir: the device is checked first
+
+
 def test_resume_from_missing_checkpoint(tmp_path, capsys):
     assert "does not exist" in error_of(
         capsys, "--resume", str(tmp_path / "none.pt"), "--repo", str(tmp_path)
     )
+
+
+# --- every numeric flag, fed 0, -1, a huge value, infinity and a non-number ------------------------------
+
+VALUES = ("0", "-1", str(10**30), "1e309", "x")
+OK, BAD = "accepted", "refused"
+NUMERIC_FLAGS = {  # flag: the outcome for each of VALUES
+    "--epochs": (BAD, BAD, BAD, BAD, BAD),
+    "--batch-size": (BAD, BAD, BAD, BAD, BAD),
+    "--lr": (BAD, BAD, BAD, BAD, BAD),
+    "--weight-decay": (OK, BAD, BAD, BAD, BAD),
+    "--momentum": (OK, BAD, BAD, BAD, BAD),
+    "--early-stopping": (OK, BAD, BAD, BAD, BAD),
+    "--val-size": (OK, BAD, BAD, BAD, BAD),
+    "--label-smoothing": (OK, BAD, BAD, BAD, BAD),
+    "--clip-grad": (OK, BAD, OK, BAD, BAD),  # a huge bound is a bound no gradient reaches: no clipping
+    "--dropout": (OK, BAD, BAD, BAD, BAD),
+    "--seed": (OK, BAD, BAD, BAD, BAD),
+    "--seeds": (OK, BAD, BAD, BAD, BAD),
+    "--train-limit": (BAD, BAD, BAD, BAD, BAD),
+    "--overfit-batch": (OK, BAD, BAD, BAD, BAD),
+}
+TEXT_FLAGS = {"--data-dir", "--cache-dir", "--repo", "--name", "--checkpoint", "--resume", "--init-from"}
+TEXT_FLAGS |= {"--ensemble", "--members"}
+
+
+def value_flags() -> set[str]:
+    """Every flag that takes a value other than a fixed choice, read from the parser itself."""
+    return {
+        action.option_strings[-1]
+        for action in build_parser()._actions
+        if action.option_strings and action.nargs != 0 and action.choices is None
+    }
+
+
+def test_every_value_flag_is_in_a_table():
+    assert value_flags() == set(NUMERIC_FLAGS) | TEXT_FLAGS
+
+
+@pytest.mark.parametrize(
+    "flag, value, outcome",
+    [
+        (flag, value, outcome)
+        for flag, outcomes in NUMERIC_FLAGS.items()
+        for value, outcome in zip(VALUES, outcomes, strict=True)
+    ],
+)
+def test_numeric_flag(flag, value, outcome, tmp_path, capsys):
+    argv = [flag, value, "--repo", str(tmp_path / "models")]
+    if outcome == OK:
+        args, cfg = parse_config(argv)
+        field = flag[2:].replace("-", "_")
+        got = getattr(cfg, field) if hasattr(cfg, field) else getattr(args, field)
+        assert got == ([int(value)] if flag == "--seeds" else float(value))
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("mnist-train: error:")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    assert flag in errors[0] and "Traceback" not in err
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--hflip"], "--augment"),
+        (["--optimizer", "sgd", "--amsgrad"], "--amsgrad"),
+        (["--val-size", "0", "--schedule", "plateau"], "--val-size"),
+        (["--val-size", "0", "--early-stopping", "2"], "--val-size"),
+        (["--freeze", "features"], "--init-from"),
+        (["--ensemble", "digits"], "--seeds"),
+        (["--ensemble", "digits", "--seeds", "3"], "at least 2"),
+        (["--ensemble", "mnist", "--seeds", "1,2"], "name of its own"),
+        (["--seeds", "1,1"], "twice"),
+        (["--members", "a:1,b:2"], "--ensemble"),
+        (["--ensemble", "e", "--members", "a:1"], "at least 2"),
+        (["--ensemble", "e", "--members", "a:0,b"], "positive"),
+        (["--ensemble", "e", "--members", "a,a"], "twice"),
+        (["--ensemble", "e", "--members", "a,b", "--seeds", "1,2"], "--seeds"),
+        (["--ensemble", "e", "--members", "a,b", "--quantize", "int8"], "--quantize"),
+        (["--ensemble", "a", "--members", "a:1,a:2"], "name of its own"),
+        (["--seeds", "1,2", "--checkpoint", "c.pt"], "--checkpoint"),
+    ],
+)
+def test_conflicting_flags(argv, words, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--repo", str(tmp_path / "models")])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("mnist-train: error:") and words in last
+    assert not (tmp_path / "models").exists()
+
+
+# --- the default recipe ---------------------------------------------------------------------------------
+
+
+def test_default_recipe_is_the_documented_one():
+    """benchmarks/training.md spells the default run's settings out; they must be what a bare run uses."""
+    text = (ROOT / "benchmarks" / "training.md").read_text()
+    (documented,) = re.findall(r"default recipe[^`]*`mnist-train ([^`]+)`", text, flags=re.I)
+    _, bare = parse_config([])
+    _, spelled_out = parse_config(documented.split())
+    assert spelled_out == bare
+    assert (bare.arch, bare.epochs, bare.schedule, bare.amp) == ("cnn2", 3, "onecycle", True)
+
+
+def test_help_states_the_best_recipe(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for key, value in ARCH_PRESETS["best"].items():
+        assert f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}") in text
+    assert "rotation +-10 deg" in text
+    _, cfg = parse_config(["--arch", "best"])
+    assert all(getattr(cfg, key) == value for key, value in ARCH_PRESETS["best"].items())
 
 
 def test_help_explains_no_hflip(capsys):
@@ -90,18 +218,13 @@ def test_help_explains_no_hflip(capsys):
     assert "mirrored digit is another symbol" in " ".join(capsys.readouterr().out.split())
 
 
-@pytest.fixture(scope="module")
-def mnist():
-    return load_mnist()
-
-
-def test_overfit_batch(mnist, capsys):
+def test_overfit_batch(capsys):
     main(["--arch", "cnn2", "--overfit-batch", "64"])
     assert "train accuracy 1.0000" in capsys.readouterr().out
 
 
 def test_resume_and_fine_tune(tmp_path, mnist, capsys):
-    cfg = TrainConfig(arch="keras", epochs=1, train_limit=1000, val_size=100)
+    cfg = TrainConfig(arch="keras", epochs=1, train_limit=1000, val_size=100, schedule="none")
     first = train(cfg, mnist, checkpoint_path=tmp_path / "last.pt", log=lambda *_: None)
     resumed = train(
         replace(cfg, epochs=2), mnist, resume=torch.load(tmp_path / "last.pt"), log=lambda *_: None
@@ -120,6 +243,23 @@ def test_resume_and_fine_tune(tmp_path, mnist, capsys):
         "--arch", "cnn2", "--resume", str(tmp_path / "last.pt"), "--repo", str(tmp_path / "m")
     )
     assert_clean_error(wrong_arch, "arch 'keras'")
+
+
+def test_a_one_cycle_run_resumes_only_to_its_planned_epochs(tmp_path, mnist, capsys):
+    cfg = TrainConfig(arch="keras", epochs=1, train_limit=1000, val_size=100, schedule="onecycle")
+    train(cfg, mnist, checkpoint_path=tmp_path / "last.pt", log=lambda *_: None)
+    line = error_of(
+        capsys,
+        "--arch",
+        "keras",
+        "--epochs",
+        "2",
+        "--resume",
+        str(tmp_path / "last.pt"),
+        "--repo",
+        str(tmp_path),
+    )
+    assert "planned for 1 epochs" in line and "--init-from" in line
 
 
 @pytest.mark.slow
@@ -144,5 +284,6 @@ def test_one_epoch_on_real_mnist_serves_98_percent(tmp_path, mnist):
     accuracy = float((probs.argmax(1) == mnist.test_labels).mean())
     assert accuracy >= 0.98
     metrics = json.loads((version / "metrics.json").read_text())
-    assert metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-4)
+    assert metrics["test_accuracy"] == accuracy  # the exported model's own, not the training device's
+    assert session.get_modelmeta().custom_metadata_map["test_accuracy"] == f"{accuracy:.4f}"
     assert np.array(metrics["confusion_matrix"]).sum() == 10_000

@@ -1,29 +1,40 @@
 """ONNX contract and parity on a briefly trained model; repository versioning and atomicity."""
 
+import copy
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
-from training.data import load_mnist
-from training.export import ExportError, check_parity, config_pbtxt, to_onnx, write_version
+from training.export import (
+    PARITY_TOL,
+    ExportError,
+    Servable,
+    check_parity,
+    config_pbtxt,
+    reference_probabilities,
+    to_onnx,
+    write_version,
+)
 from training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def mnist():
-    return load_mnist()
-
-
-@pytest.fixture(scope="module")
 def trained(mnist):
-    cfg = TrainConfig(arch="keras", epochs=1, train_limit=2000, dropout=0.2)
+    """A keras net trained briefly in bfloat16 autocast (amp on the CPU), its reference and its export."""
+    cfg = TrainConfig(arch="keras", epochs=1, train_limit=2000, dropout=0.2, amp=True)
     result = train(cfg, mnist, log=lambda *_: None)
-    return result, to_onnx(result.model, {"arch": "keras", "test_accuracy": f"{result.test_accuracy:.4f}"})
+    return (
+        result,
+        reference_probabilities(result.model, mnist.test_images),
+        to_onnx(result.model, {"arch": "keras"}),
+    )
 
 
 def test_onnx_contract(trained):
-    _, model_bytes = trained
+    *_, model_bytes = trained
     model = onnx.load_model_from_string(model_bytes)
     onnx.checker.check_model(model, full_check=True)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
@@ -38,7 +49,7 @@ def test_onnx_contract(trained):
 
 @pytest.mark.parametrize("batch", [1, 7, 256])
 def test_dynamic_batch_softmax_inside(trained, mnist, batch):
-    _, model_bytes = trained
+    *_, model_bytes = trained
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     (probs,) = session.run(None, {"images": mnist.test_images[:batch, None]})
     assert probs.shape == (batch, 10) and probs.dtype == np.float32
@@ -46,17 +57,39 @@ def test_dynamic_batch_softmax_inside(trained, mnist, batch):
 
 
 def test_parity_on_full_test_set(trained, mnist):
-    result, model_bytes = trained
-    assert check_parity(model_bytes, mnist.test_images, result.test_probs) <= 1e-5
-    assert result.test_accuracy > 0.5  # briefly trained (1800 images), but well above chance
+    _, reference, model_bytes = trained
+    assert check_parity(model_bytes, mnist.test_images, reference) <= PARITY_TOL
+    assert (reference.argmax(1) == mnist.test_labels).mean() > 0.5  # 1800 images, but well above chance
 
 
 def test_parity_failure_is_reported(trained, mnist):
-    result, model_bytes = trained
-    off = result.test_probs.copy()
+    _, reference, model_bytes = trained
+    off = reference.copy()
     off[:, 0] += 1e-4
     with pytest.raises(ExportError, match="disagrees"):
         check_parity(model_bytes, mnist.test_images, off)
+
+
+def test_parity_reference_is_fp32_on_cpu_whatever_the_training_device_computes(trained, mnist):
+    """A net trained where convolutions run below FP32 (TF32 on CUDA; here bfloat16 autocast, as trained) is
+    judged by an FP32 CPU reference: the device's own outputs would miss the parity tolerance."""
+    result, reference, model_bytes = trained
+    images = torch.from_numpy(mnist.test_images[:, None])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        as_on_device = Servable(result.model)(images).float().numpy()
+        within_autocast = reference_probabilities(result.model, mnist.test_images)
+    assert np.abs(as_on_device - reference).max() > 10 * PARITY_TOL
+    with pytest.raises(ExportError, match="disagrees"):
+        check_parity(model_bytes, mnist.test_images, as_on_device)
+    np.testing.assert_array_equal(within_autocast, reference)  # the ambient autocast does not reach it
+
+    # Nor do the net's own device and dtype: it is copied to the CPU in FP32, the caller's net untouched.
+    half = copy.deepcopy(result.model).to(torch.bfloat16)
+    from_half = reference_probabilities(half, mnist.test_images)
+    assert from_half.dtype == np.float32 and next(half.parameters()).dtype == torch.bfloat16
+    fp32_of_half = copy.deepcopy(half).float()
+    np.testing.assert_array_equal(from_half, reference_probabilities(fp32_of_half, mnist.test_images))
+    check_parity(to_onnx(half, {}), mnist.test_images, from_half)
 
 
 def snapshot(root):

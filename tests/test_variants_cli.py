@@ -5,18 +5,17 @@ import pytest
 
 from serving.runtime import ModelSession, RuntimeOptions
 from training.cli import main
-from training.data import load_mnist
 
 
 @pytest.mark.slow
-def test_variant_flags_export_each_variant_as_its_own_model(tmp_path, capsys):
+def test_variant_flags_export_each_variant_as_its_own_model(tmp_path, capsys, mnist):
     repo = tmp_path / "repo"
     main(["--arch", "cnn2", "--epochs", "1", "--train-limit", "6000", "--repo", str(repo), "--name", "digits",
           "--quantize", "int8", "--ort-optimize"])  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"exported: {repo / 'digits' / '1'}"  # the contract other tools parse
 
-    images = load_mnist().test_images[:500, None]
+    images = mnist.test_images[:500, None]
     fp32 = ModelSession(repo / "digits" / "1" / "model.onnx", RuntimeOptions(device="cpu")).run(images)
     for kind in ("int8", "fp32-ort-optimized"):
         assert f"variant {kind}: {repo / f'digits-{kind}' / '1'}" in lines

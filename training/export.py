@@ -2,6 +2,7 @@
 writer of a Triton-layout model repository:
 <repo>/<name>/config.pbtxt and <repo>/<name>/<version>/model.onnx."""
 
+import copy
 import os
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ from serving.contract import (
     OUTPUT_NAME,
     is_valid_model_name,
 )
-from training.train import MEAN, STD
+from training.train import EVAL_BATCH, MEAN, STD, normalise, to_tensor
 
 OPSET = 18
 PARITY_TOL = 1e-5
@@ -35,20 +36,29 @@ class ExportError(Exception):
 
 
 class Servable(nn.Module):
-    """What the server runs: raw uint8 pixels in, class probabilities out."""
+    """What the server runs: raw uint8 pixels in, class probabilities out. Given several nets (an ensemble),
+    the mean of their probabilities, from pixels normalised once."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, *nets: nn.Module):
         super().__init__()
-        self.net = net
+        self.nets = nn.ModuleList(nets)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() / 255.0 - MEAN) / STD
-        return torch.softmax(self.net(x), dim=1)
+        probs = [torch.softmax(net(x), dim=1) for net in self.nets]
+        return probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
 
 
-def to_onnx(net: nn.Module, metadata: dict[str, str]) -> bytes:
-    """Export with the dynamo exporter (the TorchScript one is deprecated), batch dimension dynamic."""
-    servable = Servable(net).cpu().eval()
+def fp32_cpu_copy(net: nn.Module) -> nn.Module:
+    """The net as it is exported: FP32 on the CPU in eval mode, whatever trained it; `net` stays as it is."""
+    return copy.deepcopy(net).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
+
+
+def to_onnx(net: nn.Module | list[nn.Module], metadata: dict[str, str]) -> bytes:
+    """Export with the dynamo exporter (the TorchScript one is deprecated), batch dimension dynamic. A list of
+    nets becomes one ensemble graph that averages their probabilities."""
+    nets = net if isinstance(net, list) else [net]
+    servable = Servable(*map(fp32_cpu_copy, nets))
     example = torch.zeros(2, *IMAGE_SHAPE, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings(), torch.no_grad():
@@ -73,6 +83,20 @@ def to_onnx(net: nn.Module, metadata: dict[str, str]) -> bytes:
         entry.key, entry.value = key, value
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()
+
+
+@torch.no_grad()
+def reference_probabilities(net: nn.Module, images: np.ndarray, batch: int = EVAL_BATCH) -> np.ndarray:
+    """PyTorch's FP32 probabilities on the CPU for uint8 images [N,28,28]: what the exported graph must
+    reproduce. Never the training device's own outputs: CUDA convolutions run in TF32 by default, and
+    autocast in float16/bfloat16; either misses the parity tolerance by orders of magnitude."""
+    cpu_net = fp32_cpu_copy(net).to(memory_format=torch.channels_last)
+    probs = []
+    with torch.autocast("cpu", enabled=False):
+        for i in range(0, len(images), batch):
+            x = normalise(to_tensor(images[i : i + batch])).contiguous(memory_format=torch.channels_last)
+            probs.append(torch.softmax(cpu_net(x), dim=1))
+    return torch.cat(probs).numpy()
 
 
 def check_parity(model_bytes: bytes, images: np.ndarray, expected: np.ndarray, batch: int = 1000) -> float:

@@ -20,7 +20,6 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from serving.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 from serving.runtime import CPU, resolve_device
 from training.data import MNIST
-from training.export import write_version
 
 VARIANTS = ("int8", "fp16", "fp32-ort-optimized")
 
@@ -198,9 +197,3 @@ def build_variant(kind: str, fp32_model_path: Path, mnist: MNIST) -> tuple[onnx.
         entry = variant.metadata_props.add()
         entry.key, entry.value = key, value
     return variant, report
-
-
-def export_variant(kind: str, fp32_model_path: Path, mnist: MNIST, repo: Path, name: str) -> Path:
-    """Build one variant, write it as its own model `<name>-<kind>` in the repository; returns the version."""
-    variant, _ = build_variant(kind, fp32_model_path, mnist)
-    return write_version(repo, f"{name}-{kind}", variant.SerializeToString(), lambda version_dir: None)

@@ -1,0 +1,127 @@
+"""mnist-train --ensemble: two briefly trained members become one served model that averages them."""
+
+import json
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from serving.contract import INPUT_NAME, OUTPUT_NAME
+from serving.runtime import ModelSession, RuntimeOptions
+from training.cli import main
+from training.ensemble import load_member
+from training.export import PARITY_TOL, reference_probabilities
+
+TRAIN = ["--arch", "cnn2", "--epochs", "1", "--train-limit", "3000"]
+
+
+@pytest.fixture(scope="module")
+def ensemble_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Members digits:1 and digits:2 (seeds 0 and 1) trained in the same command as the ensemble `pair`."""
+    repo = tmp_path_factory.mktemp("ensemble") / "repo"
+    main([*TRAIN, "--repo", str(repo), "--name", "digits", "--seeds", "0,1", "--ensemble", "pair"])
+    return repo
+
+
+def run_main(capsys, *argv: str) -> list[str]:
+    main(list(argv))
+    return capsys.readouterr().out.strip().splitlines()
+
+
+def served(path: Path, images: np.ndarray) -> np.ndarray:
+    """Probabilities as the server computes them; ModelSession refuses a model that breaks the contract."""
+    return ModelSession(path, RuntimeOptions(device="cpu")).run(images[:, None])
+
+
+@pytest.fixture(scope="module")
+def on_test_set(mnist):
+    """ONNX Runtime's probabilities on the full test set, computed once per model file."""
+
+    def run(path: Path) -> np.ndarray:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        images = mnist.test_images[:, None]
+        return np.concatenate(
+            [session.run(None, {INPUT_NAME: images[i : i + 1000]})[0] for i in range(0, 10_000, 1000)]
+        )
+
+    return cache(run)
+
+
+def metadata(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(path).metadata_props}
+
+
+def test_members_are_exported_and_the_ensemble_keeps_the_contract(ensemble_repo, mnist):
+    repo = ensemble_repo
+    for name in ("digits/1", "digits/2", "pair/1"):
+        assert (repo / name / "model.onnx").is_file()
+    assert (repo / "digits" / "1" / "checkpoint.pt").is_file()
+    graph = onnx.load(repo / "pair" / "1" / "model.onnx").graph
+    (inp,), (out,) = graph.input, graph.output
+    assert inp.name == INPUT_NAME and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["N", 1, 28, 28]
+    assert out.name == OUTPUT_NAME and out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["N", 10]
+    probs = served(repo / "pair" / "1" / "model.onnx", mnist.test_images[:7])
+    assert probs.shape == (7, 10) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_ensemble_is_the_mean_of_its_members(ensemble_repo, mnist, on_test_set):
+    repo = ensemble_repo
+    members = [load_member(repo, "digits", version) for version in (1, 2)]
+    expected = np.mean([reference_probabilities(m.net, mnist.test_images) for m in members], axis=0)
+    got = on_test_set(repo / "pair" / "1" / "model.onnx")
+    assert np.abs(got - expected).max() <= PARITY_TOL
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_metadata_lists_members_and_true_accuracies(ensemble_repo, mnist, on_test_set):
+    def accuracy_of(path: Path) -> float:
+        return float((on_test_set(path).argmax(1) == mnist.test_labels).mean())
+
+    repo = ensemble_repo
+    meta = metadata(repo / "pair" / "1" / "model.onnx")
+    members = json.loads(meta["members"])
+    assert [m["model"] for m in members] == ["digits:1", "digits:2"]
+    assert all(m["arch"] == "cnn2" for m in members) and meta["arch"] == "ensemble"
+    member_accuracies = []
+    for m, version in zip(members, (1, 2), strict=True):
+        path = repo / "digits" / str(version) / "model.onnx"
+        accuracy = accuracy_of(path)
+        assert m["test_accuracy"] == pytest.approx(accuracy, abs=5e-5)
+        assert metadata(path)["test_accuracy"] == f"{accuracy:.4f}"
+        member_accuracies.append(accuracy)
+    ensemble_accuracy = accuracy_of(repo / "pair" / "1" / "model.onnx")
+    assert meta["test_accuracy"] == f"{ensemble_accuracy:.4f}"
+    assert ensemble_accuracy >= min(member_accuracies)
+    assert json.loads((repo / "pair" / "1" / "metrics.json").read_text())["members"] == members
+
+
+def test_members_from_the_repository_give_the_same_model(ensemble_repo, on_test_set, capsys):
+    repo = ensemble_repo
+    lines = run_main(capsys, "--repo", str(repo), "--ensemble", "pair", "--members", "digits:1,digits")
+    assert lines[-1] == f"exported: {repo / 'pair' / '2'}"
+    first, second = (on_test_set(repo / "pair" / v / "model.onnx") for v in ("1", "2"))
+    np.testing.assert_array_equal(first, second)  # "digits" alone is its latest version, 2
+
+
+@pytest.mark.parametrize(
+    "members, words",
+    [
+        ("digits:1,digits:7", "no version 7"),
+        ("digits,nothing", "no model 'nothing'"),
+        ("digits,pair", "checkpoint"),
+    ],
+)
+def test_bad_member_is_refused_before_anything_is_written(ensemble_repo, capsys, members, words):
+    repo = ensemble_repo
+    before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--repo", str(repo), "--ensemble", "another", "--members", members])
+    assert isinstance(exit_info.value.code, str) and exit_info.value.code.startswith("mnist-train: error:")
+    assert words in exit_info.value.code and "\n" not in exit_info.value.code
+    assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before

@@ -1,0 +1,105 @@
+"""Several trained models exported as one: the members' probabilities averaged inside one ONNX graph, so the
+server and Triton serve it like any other model (uint8 `images` in, float32 `probabilities` out).
+
+Members come from the repository (name:version, rebuilt from the checkpoint.pt beside each model.onnx) or from
+models trained in the same command. The ensemble is parity-checked against the mean of the members' FP32
+PyTorch probabilities on the full test set, and written atomically as a new version.
+"""
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from serving.contract import is_valid_model_name
+from training import models, reports
+from training.data import MNIST
+from training.export import check_parity, reference_probabilities, to_onnx, versions, write_version
+from training.train import read_checkpoint
+
+
+@dataclass
+class Member:
+    model: str  # "name:version" in the repository
+    arch: str
+    net: nn.Module
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float((probs.argmax(1) == labels).mean())
+
+
+def parse_members(text: str) -> list[tuple[str, int | None]]:
+    """'a:2,b' -> [('a', 2), ('b', None)]; None is the latest version. ValueError names what is wrong."""
+    members = []
+    for item in text.split(","):
+        name, _, version = item.strip().partition(":")
+        if not is_valid_model_name(name):
+            raise ValueError(f"{item.strip()!r} is not NAME or NAME:VERSION")
+        if version and not (version.isdigit() and int(version) > 0):
+            raise ValueError(f"{item.strip()!r}: the version must be a positive integer")
+        members.append((name, int(version) if version else None))
+    if len(members) < 2:
+        raise ValueError("an ensemble needs at least 2 members")
+    if len(set(members)) < len(members):
+        raise ValueError("a member is listed twice; it would count double")
+    return members
+
+
+def load_member(repo: Path, name: str, version: int | None) -> Member:
+    """Rebuild one exported model from the checkpoint.pt beside its model.onnx."""
+    available = versions(repo / name)
+    if not available:
+        raise ValueError(f"no model {name!r} in repository {repo}; train it first or fix --repo")
+    version = available[-1] if version is None else version
+    if version not in available:
+        raise ValueError(
+            f"{name} has no version {version} in {repo} (it has {', '.join(map(str, available))})"
+        )
+    path = repo / name / str(version) / "checkpoint.pt"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: only single models mnist-train trained can be members")
+    checkpoint = read_checkpoint(path)
+    config = checkpoint["config"]
+    try:
+        net = models.build(config.get("arch"), config.get("batchnorm"), config.get("dropout"))
+        net.load_state_dict(checkpoint["model"])
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} does not rebuild its model ({str(e).splitlines()[0]})") from None
+    return Member(f"{name}:{version}", config["arch"], net)
+
+
+def export_ensemble(repo: Path, name: str, members: list[Member], mnist: MNIST) -> Path:
+    """Write one ONNX model that averages the members' probabilities; prints its accuracy, returns its dir."""
+    member_probs = [reference_probabilities(m.net, mnist.test_images) for m in members]
+    expected = np.mean(member_probs, axis=0, dtype=np.float32)
+    test_accuracy = accuracy(expected, mnist.test_labels)
+    listed = [
+        {"model": m.model, "arch": m.arch, "test_accuracy": round(accuracy(probs, mnist.test_labels), 4)}
+        for m, probs in zip(members, member_probs, strict=True)
+    ]
+    metadata = {
+        "arch": "ensemble",
+        "test_accuracy": f"{test_accuracy:.4f}",
+        "members": json.dumps(listed),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    model_bytes = to_onnx([m.net for m in members], metadata)
+    parity = check_parity(model_bytes, mnist.test_images, expected)
+    cm = reports.confusion_matrix(mnist.test_labels, expected.argmax(1))
+    metrics = {
+        "arch": "ensemble",
+        "members": listed,
+        "params": sum(models.param_count(m.net) for m in members),
+        "test_accuracy": test_accuracy,
+        "per_class_accuracy": (np.diag(cm) / cm.sum(1)).round(4).tolist(),
+        "confusion_matrix": cm.tolist(),
+        "onnx_parity_max_abs_diff": parity,
+        "created_at": metadata["created_at"],
+    }
+    member_accuracies = ", ".join(f"{m['test_accuracy']:.4f}" for m in listed)
+    print(f"ensemble of {len(members)}: test accuracy {test_accuracy:.4f} (members {member_accuracies})")
+    return write_version(repo, name, model_bytes, lambda out: reports.write_metrics(out, metrics))
