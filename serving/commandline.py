@@ -10,6 +10,7 @@ dataclasses (the runtime options inside the server config) contribute their flag
 import argparse
 import dataclasses
 import math
+import textwrap
 import types
 import typing
 from typing import Any, TypeVar
@@ -17,8 +18,23 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Description as written; every option's default shown, except where it says nothing (unset, off)."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default shown, except where it says nothing (unset, off). Description and epilog are
+    wrapped paragraph by paragraph; a paragraph with indented lines (an example) is kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for paragraph in textwrap.dedent(text).strip().split("\n\n"):
+            lines = paragraph.splitlines()
+            if any(line.startswith(" ") for line in lines):
+                paragraphs.append("\n".join(indent + line for line in lines))
+            else:
+                paragraphs.append(
+                    textwrap.fill(
+                        " ".join(paragraph.split()), width, initial_indent=indent, subsequent_indent=indent
+                    )
+                )
+        return "\n\n".join(paragraphs)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default in (None, False, "", argparse.SUPPRESS) or "default" in (action.help or ""):

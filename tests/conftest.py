@@ -1,7 +1,7 @@
 """Shared serving fixtures: a real trained model repository and in-process servers on loopback.
 
 The repository comes from `mnist-train --arch cnn2 --epochs 1 --train-limit 10000` on real MNIST (the
-default architecture, ~96% test accuracy). Training, export and the parity check take ~30 s on 2 cores,
+default architecture, ~95% test accuracy). Training, export and the parity check take ~15 s on 2 cores,
 so the result is kept in pytest's cache under a key made of the training sources and arguments: edit
 training/ and the next run trains again.
 """

@@ -8,6 +8,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from serving.proto.inference.model_config_pb2 import TYPE_FP32, TYPE_UINT8
+from serving.repository import read_config
 from training.export import (
     PARITY_TOL,
     ExportError,
@@ -108,21 +110,19 @@ def test_versions_increment(tmp_path):
     assert sorted(p.name for p in (repo / "mnist").iterdir()) == ["1", "2", "config.pbtxt"]  # no temp left
 
 
-def test_config_pbtxt_declares_the_contract():
-    text = config_pbtxt("digits")
-    for line in (
-        'name: "digits"',
-        'platform: "onnxruntime_onnx"',
-        "max_batch_size: 64",
-        "instance_group [ { count: 2 } ]",
-        'name: "images"',
-        "TYPE_UINT8",
-        "dims: [ 1, 28, 28 ]",
-        "TYPE_FP32",
-        "dims: [ 10 ]",
-        "max_queue_delay_microseconds: 0",
-    ):
-        assert line in text
+def test_config_pbtxt_declares_the_contract(tmp_path):
+    path = tmp_path / "config.pbtxt"
+    path.write_text(config_pbtxt("digits"))
+    config = read_config(path)  # the server's own parser and contract check
+    assert (config.name, config.platform, config.max_batch_size) == ("digits", "onnxruntime_onnx", 64)
+    assert [g.count for g in config.instance_group] == [2]
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        ("images", TYPE_UINT8, [1, 28, 28])
+    ]
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
+        ("probabilities", TYPE_FP32, [10])
+    ]
+    assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds == 0
 
 
 def fail(_dir):

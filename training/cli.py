@@ -14,9 +14,17 @@ from pathlib import Path
 # Must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+try:
+    import torch
+except ImportError:  # a serving-only install: say what to install instead of a traceback
+    sys.exit(
+        "mnist-train: error: PyTorch is not installed; install the train extra: "
+        "pip install 'mnist-serving[train]' (on the project's machines, pip install torch==2.13.0 first)"
+    )
 
+import numpy as np  # noqa: E402
+
+from serving.commandline import HelpFormatter  # noqa: E402
 from training import models, reports  # noqa: E402
 from training.data import MNIST, TRAIN_SIZE, DataError, load_mnist  # noqa: E402
 from training.ensemble import Member, accuracy, export_ensemble, load_member, parse_members  # noqa: E402
@@ -67,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mnist-train",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="--arch best: a wider VGG-style CNN with BatchNorm and dropout 0.3, trained on augmented "
         f"digits (random rotation +-10 deg, scale 0.9-1.1, shift +-2 px); it sets {preset} unless given. "
         "Five best models and their ensemble in one command: --arch best --name mnist-best --seeds 0,1,2,3,4 "
