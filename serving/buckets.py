@@ -4,7 +4,13 @@ Why: ONNX Runtime's cuDNN convolution re-plans whenever its input shape differs 
 a dynamic batcher emits batches of 1, 3, 5, 2... images, so nearly every batch paid for a new plan; concurrent
 runs of one session also contend for its convolution state. With buckets each session only ever sees one
 shape: plans are made once, at warm-up, and on CUDA each bucket is captured once as a CUDA graph and then
-replayed. A bucket's session is run by one thread at a time (its lock), so its state is never shared.
+replayed.
+
+Each bucket's session is run by one thread of its own, always the same one: ONNX Runtime keeps a captured
+CUDA graph in the per-thread state of the thread that ran the session, and captures on that thread's third
+run, so a session run from several threads would capture several graphs, at serving time. The capture
+itself runs in CUDA's global capture mode, where a CUDA call from any other thread of the process makes it
+fail; the process-wide `CaptureGate` therefore lets a capture happen only while no other bucket runs.
 
 Padding rows are zeros. Images are independent rows of the batch, so padding never changes the real rows'
 probabilities; the padded rows are computed and dropped. A batch larger than the largest bucket runs as
@@ -13,9 +19,12 @@ chunks of that bucket.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +33,48 @@ import onnxruntime as ort
 from serving.contract import IMAGE_SHAPE, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
+
+# ORT captures a bucket's graph on a thread's third run: two regular runs allocate its memory first.
+RUNS_TO_CAPTURE = 3
+
+
+class CaptureGate:
+    """Runs share the gate; a CUDA graph capture takes it alone (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._running = 0
+        self._capturing = False
+
+    @contextlib.contextmanager
+    def run(self) -> Iterator[None]:
+        with self._changed:
+            while self._capturing:
+                self._changed.wait()
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._running -= 1
+                if not self._running:
+                    self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        with self._changed:
+            while self._capturing or self._running:
+                self._changed.wait()
+            self._capturing = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._capturing = False
+                self._changed.notify_all()
+
+
+CUDA_GATE = CaptureGate()  # one per process: CUDA's global capture mode is process-wide
 
 
 def default_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -44,7 +95,7 @@ def chunks(n: int, sizes: tuple[int, ...]) -> list[tuple[int, int, int]]:
 
 
 class FixedBatchSession:
-    """One bucket: a session whose batch dimension is fixed to `size`, run on padded input.
+    """One bucket: a session whose batch dimension is fixed to `size`, run on padded input by its own thread.
 
     On CUDA the input and output live in device buffers allocated once and bound once (IO binding), which a
     CUDA graph requires: the graph replays against fixed addresses. `make_session(size, cuda_graph)` builds
@@ -61,29 +112,59 @@ class FixedBatchSession:
         path: Path,
     ) -> None:
         self.size = size
-        self._lock = threading.Lock()
+        self.cuda_graph = False
         self._host = np.zeros((size, *IMAGE_SHAPE), np.uint8)  # padded input; rows past n stay zero
         self._cuda = device == "cuda"
-        self.cuda_graph = False
-        if not self._cuda:
-            self._session = make_session(size, False)
-            return
         self._device_id = device_id
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=f"bucket-{size}", daemon=True)
+        self._thread.start()
+        try:
+            self._call(self._open, make_session, cuda_graph, path)
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """images: uint8 [n, 1, 28, 28] with n <= size -> float32 [n, 10], computed on the bucket's thread."""
+        return self._call(self._run, images)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    # -- on the bucket's own thread --------------------------------------------------------------------
+    def _call(self, function: Callable, *args):
+        done: Future = Future()
+        self._jobs.put((function, args, done))
+        return done.result()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            function, args, done = job
+            try:
+                done.set_result(function(*args))
+            except BaseException as e:  # handed to the caller's thread
+                done.set_exception(e)
+
+    def _open(self, make_session: Callable, cuda_graph: bool, path: Path) -> None:
+        if not self._cuda:
+            self._session = make_session(self.size, False)
+            return
         if cuda_graph:
             try:
-                self._bind(make_session(size, True))
+                with CUDA_GATE.capture():
+                    self._bind(make_session(self.size, True))
+                    for _ in range(RUNS_TO_CAPTURE):
+                        self._run_cuda(self.size)
                 self.cuda_graph = True
-                for _ in range(2):  # ORT captures on an early run: make that happen now, not on a request
-                    self._run_cuda(size)
                 return
             except Exception as e:  # ORT raises its own types; any failure means: no graph for this bucket
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 log.warning(
                     "event=cuda_graph_unavailable model=%s bucket=%d reason=%r; running it without a graph",
-                    path, size, reason,
+                    path, self.size, reason,
                 )  # fmt: skip
-                self.cuda_graph = False
-        self._bind(make_session(size, False))
+        self._bind(make_session(self.size, False))
 
     def _bind(self, session: ort.InferenceSession) -> None:
         self._session = session
@@ -97,15 +178,14 @@ class FixedBatchSession:
         self._binding.bind_ortvalue_input(INPUT_NAME, self._device_input)
         self._binding.bind_ortvalue_output(OUTPUT_NAME, self._device_output)
 
-    def run(self, images: np.ndarray) -> np.ndarray:
-        """images: uint8 [n, 1, 28, 28] with n <= size -> float32 [n, 10]."""
+    def _run(self, images: np.ndarray) -> np.ndarray:
         n = len(images)
-        with self._lock:
-            self._host[:n] = images
-            self._host[n:] = 0
-            if self._cuda:
-                return self._run_cuda(n)
+        self._host[:n] = images
+        self._host[n:] = 0
+        if not self._cuda:
             return self._session.run([OUTPUT_NAME], {INPUT_NAME: self._host})[0][:n]
+        with CUDA_GATE.run():
+            return self._run_cuda(n)
 
     def _run_cuda(self, n: int) -> np.ndarray:
         self._device_input.update_inplace(self._host)  # the graph reads this fixed device address
@@ -119,6 +199,9 @@ class Buckets:
     def __init__(self, sizes: tuple[int, ...], sessions: dict[int, FixedBatchSession]) -> None:
         self.sizes = sizes
         self._sessions = sessions
+
+    def add(self, session: FixedBatchSession) -> None:
+        self._sessions[session.size] = session
 
     def run(self, images: np.ndarray) -> np.ndarray:
         runs = chunks(len(images), self.sizes)
@@ -134,3 +217,7 @@ class Buckets:
     @property
     def cuda_graphs(self) -> tuple[int, ...]:
         return tuple(size for size in self.sizes if self._sessions[size].cuda_graph)
+
+    def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()

@@ -325,6 +325,7 @@ class ModelRepository:
                 log.info("event=model_ready model=%s version=%d provider=%s", name, v, provider)
         for lv in retired:
             await lv.batcher.close()  # queued requests finish first
+            lv.session.close()
             log.info("event=model_unloaded model=%s version=%d", lv.name, lv.version)
         if self.on_change is not None:
             await self.on_change(self.ready)
@@ -336,6 +337,7 @@ class ModelRepository:
         for versions in plan.add.values():
             for lv in versions.values():
                 await lv.batcher.close()
+                lv.session.close()
 
     # -- preparing one model ----------------------------------------------------------------------------
     async def _prepare_model(self, name: str, plan: Plan, pinned: set[int] | None = None) -> dict:

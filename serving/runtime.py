@@ -218,6 +218,7 @@ class ModelSession:
         # One probe run at load: a model whose declared I/O lies fails here, not on a user's request.
         probe = self.run(np.zeros((1, *IMAGE_SHAPE), np.uint8))
         if probe.shape != (1, NUM_CLASSES) or probe.dtype != np.float32 or not np.isfinite(probe).all():
+            self.close()
             raise ModelLoadError(
                 f"{self.path}: probe run on a blank image returned {probe.dtype} {list(probe.shape)} "
                 f"{probe.ravel()[:NUM_CLASSES]}, expected finite float32 [1, {NUM_CLASSES}] probabilities"
@@ -271,13 +272,14 @@ class ModelSession:
             return session
 
         device = "cuda" if requested == CUDA else "cpu"
-        sessions = {
-            size: FixedBatchSession(
-                size, make_session, device, self.options.device_id, self.options.cuda_graphs, self.path
-            )
-            for size in sizes
-        }
-        return Buckets(sizes, sessions)
+        gpu, graphs, buckets = self.options.device_id, self.options.cuda_graphs, Buckets(sizes, {})
+        try:
+            for size in sizes:
+                buckets.add(FixedBatchSession(size, make_session, device, gpu, graphs, self.path))
+        except BaseException:
+            buckets.close()  # the buckets opened so far: their threads end
+            raise
+        return buckets
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N,1,28,28] -> float32 probabilities [N,10]."""
@@ -288,6 +290,11 @@ class ModelSession:
         if self._buckets is not None:
             return self._buckets.run(images)
         return self._session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images)})[0]
+
+    def close(self) -> None:
+        """Stop the bucket threads; the session is not run afterwards."""
+        if self._buckets is not None:
+            self._buckets.close()
 
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         """Run every bucket, or else each given batch size, once: the first run at a new shape is slow."""

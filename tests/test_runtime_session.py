@@ -257,6 +257,32 @@ def test_cuda_matches_cpu(cnn_path: Path, options: RuntimeOptions) -> None:
 
 @pytest.mark.cuda
 @needs_cuda
+def test_cuda_buckets_serve_concurrent_callers_correctly(cnn_path: Path) -> None:
+    """Several threads at once, as the batcher's instances call it: each bucket is run (and was captured)
+    by its own thread, so no capture happens at serving time and every caller gets its own rows."""
+    want = ModelSession(cnn_path, RuntimeOptions(device="cpu")).run(IMAGES)
+    session = ModelSession(cnn_path, RuntimeOptions(device="cuda"), max_batch_size=16)
+    assert session.cuda_graph_sizes == session.bucket_sizes
+    errors: list = []
+
+    def call(k: int) -> None:
+        for i in range(40):
+            n = 1 + (k + i) % 16
+            start = (k * 3 + i) % (len(IMAGES) - n)
+            got = session.run(IMAGES[start : start + n])
+            if not np.allclose(got, want[start : start + n], atol=1e-4):
+                errors.append((k, i, n))
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_auto_picks_cuda_when_present(cnn_path: Path) -> None:
     assert resolve_device("auto") == CUDA
     session = ModelSession(cnn_path, RuntimeOptions())

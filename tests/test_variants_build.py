@@ -152,7 +152,7 @@ def test_fp16_on_cuda_matches_fp32(mnist: MNIST, fp32_path: Path) -> None:
     assert report.accuracy >= report.fp32_accuracy - MAX_ACCURACY_DROP
     path = fp32_path.parent / "fp16-cuda.onnx"
     onnx.save(variant, path)
-    session = ModelSession(path, RuntimeOptions(device="cuda", cuda_graph_batch_sizes=(1, 64)))
+    session = ModelSession(path, RuntimeOptions(device="cuda", batch_buckets=(1, 64)))
     want = ModelSession(fp32_path, RuntimeOptions(device="cpu")).run(mnist.test_images[:100, None])
     got = session.run(mnist.test_images[:100, None])
     assert session.provider == CUDA != CPU
