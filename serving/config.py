@@ -29,7 +29,8 @@ class ServerConfig:
         default=None,
         metadata=flag(
             "server processes sharing the port (SO_REUSEPORT), each with its own batchers and sessions; "
-            "default: one per CPU core this process may use (os.sched_getaffinity), at most 2 on CUDA",
+            "default: one per CPU core this process may use (os.sched_getaffinity, a container's CPU limit), "
+            "at most 4 on CUDA",
             metavar="N",
         ),
     )
@@ -129,12 +130,13 @@ class ServerConfig:
         return "mtls" if self.tls_client_ca else "tls" if self.tls_cert else "off"
 
     def worker_count(self, provider: str) -> int:
-        """--workers, or the default: one per usable core (measured: benchmarks/serving.md); at most 2 on
-        CUDA, where every worker holds its own CUDA context and sessions on the one GPU."""
+        """--workers, or the default: one per usable core (measured: benchmarks/serving.md). At most 4 on
+        CUDA: every worker holds its own CUDA context on the one GPU, and without CUDA MPS the GPU switches
+        between contexts, so beyond 4 more workers served less (measured: benchmarks/cuda.md)."""
         if self.workers is not None:
             return self.workers
         cores = usable_cores()
-        return min(cores, 2) if provider == "CUDAExecutionProvider" else cores
+        return min(cores, 4) if provider == "CUDAExecutionProvider" else cores
 
 
 def usable_cores() -> int:

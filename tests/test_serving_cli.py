@@ -51,7 +51,7 @@ def test_defaults_are_stated_once_in_the_dataclasses():
 def test_the_default_worker_count_follows_the_usable_cores(monkeypatch):
     monkeypatch.setattr("serving.config.usable_cores", lambda: 6)
     assert ServerConfig().worker_count("CPUExecutionProvider") == 6
-    assert ServerConfig().worker_count("CUDAExecutionProvider") == 2
+    assert ServerConfig().worker_count("CUDAExecutionProvider") == 4
     assert ServerConfig(workers=3).worker_count("CUDAExecutionProvider") == 3
 
 
