@@ -2,7 +2,7 @@
 
     python benchmarks/runtime_bench.py variants MODEL.onnx [MODEL.onnx ...]  # images/s at batch 1/64/256
     python benchmarks/runtime_bench.py threads MODEL.onnx         # intra-op threads x spinning x callers
-    python benchmarks/runtime_bench.py cuda FP32.onnx FP16.onnx   # plain run / IO binding / CUDA graphs
+    python benchmarks/runtime_bench.py cuda FP32.onnx FP16.onnx   # fixed buckets, with and without graphs
 
 Each figure is the mean ± std of --repeats timed windows of --seconds after a warm-up run; setup is excluded.
 """
@@ -95,13 +95,12 @@ def cmd_threads(args: argparse.Namespace) -> None:
 def cmd_cuda(args: argparse.Namespace) -> None:
     images = load_mnist().test_images
     settings = {
-        "plain run()": RuntimeOptions(device="cuda", io_binding=False),
-        "IO binding": RuntimeOptions(device="cuda", io_binding=True),
-        "IO binding + CUDA graphs": RuntimeOptions(device="cuda", cuda_graph_batch_sizes=(1, 64, 256)),
+        "buckets, IO binding": RuntimeOptions(device="cuda", batch_buckets=(1, 64, 256), cuda_graphs=False),
+        "buckets, IO binding, CUDA graphs": RuntimeOptions(device="cuda", batch_buckets=(1, 64, 256)),
     }
     for path in args.models:
         for label, options in settings.items():
-            session = ModelSession(path, options)
+            session = ModelSession(path, options, max_batch_size=256)
             session.warm_up((1, 64, 256))
             print(f"{path}  variant={session.variant}  {label}")
             for batch in (1, 64, 256):

@@ -55,6 +55,13 @@ class ServerConfig:
         default=1024,
         metadata=flag("RPCs handled at once per process (a stream counts as one); more wait, unread"),
     )
+    max_pending_rpcs: int = field(
+        default=256,
+        metadata=flag(
+            "calls gRPC holds for this process beyond --max-concurrent-rpcs; past that, new calls are refused "
+            "at once with CANCELLED: with it, the memory an overload can take is bounded"
+        ),
+    )
     poll_seconds: float | None = field(
         default=None,
         metadata=flag(
@@ -108,6 +115,7 @@ class ServerConfig:
             ("max_image_pixels", 2**31 - 1),
             ("max_message_bytes", 2**31 - 1),  # gRPC's limits are 32-bit signed
             ("max_concurrent_rpcs", 1_000_000),
+            ("max_pending_rpcs", 1_000_000),
         ):
             value = getattr(self, name)
             require(within(value, 1, high), c, name, f"within 1..{high}", value)

@@ -44,7 +44,10 @@ class Handling:
         try:
             outcome = await work
         except RequestError as e:
-            outcome = e
+            # Without its traceback: the traceback holds this frame, which holds the error, a reference
+            # cycle that only the cyclic garbage collector frees, and it would keep the request's message
+            # (megabytes, for a refused large request) alive until it runs (docs/reliability.md, defect 1).
+            outcome = e.with_traceback(None)
         except Exception as e:  # a bug: answer this request, keep serving the others
             what = f"{type(e).__name__}: {e}"
             log.error("event=internal_error api=%s model=%.80r error=%r", self.api, model, what)

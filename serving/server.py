@@ -124,6 +124,10 @@ class Server:
                 # Workers share the port; a lone server must fail on a port that is already taken.
                 ("grpc.so_reuseport", int(reuse_port)),
                 *self._connection_age_options(),
+                # Calls received but not yet taken by the server wait in gRPC core, each with its message;
+                # bounded, so that an overload cannot grow memory without limit (docs/reliability.md).
+                ("grpc.server.max_pending_requests", c.max_pending_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", c.max_pending_rpcs),
             ],
         )
         streams = self.streams

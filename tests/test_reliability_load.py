@@ -28,7 +28,8 @@ from serving.proto.inference import grpc_service_pb2_grpc
 from serving.server import ServerConfig
 
 QUEUE_IMAGES = ServerConfig().max_queue_images  # the default, 4096
-SERVER_ARGS = ["--device", "cpu", "--grace", "10"]
+# One process: psutil then reads the memory of the server that holds the requests.
+SERVER_ARGS = ["--device", "cpu", "--grace", "10", "--workers", "1"]
 SOAK_SECONDS = 12.0  # benchmarks/reliability/soak.py runs 60 s
 TIMEOUT_S = 10.0  # every request's deadline
 

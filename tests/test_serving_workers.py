@@ -156,6 +156,25 @@ def test_a_version_loaded_through_one_worker_is_served_by_every_worker(trained_r
         assert served.stop() == 0
 
 
+def test_poll_brings_a_new_version_into_every_worker(trained_repo, tmp_path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(trained_repo / "mnist", repo / "mnist", ignore=shutil.ignore_patterns("*.pt", "*.png"))
+    served = start(repo, tmp_path, 2, "--poll", "0.2")
+    try:
+        staging = repo / "mnist" / ".staging"
+        shutil.copytree(repo / "mnist" / "1", staging)
+        staging.rename(repo / "mnist" / "2")  # published atomically, as the exporter does
+        channels = [open_channel(served.target, 2**24) for _ in range(16)]
+        stubs = [grpc_service_pb2_grpc.GRPCInferenceServiceStub(c) for c in channels]
+        for stub in stubs:  # whichever worker each connection reached, it comes to serve version 2
+            wait_for(lambda s=stub: s.ModelInfer(infer_request(), timeout=30).model_version == "2", 60, "v2")
+        assert set(requests_by_worker(served)) == {"0", "1"}
+        for channel in channels:
+            channel.close()
+    finally:
+        assert served.stop() == 0
+
+
 def test_model_statistics_count_every_image_across_workers(trained_repo, tmp_path, mnist) -> None:
     served = start(trained_repo, tmp_path)
     try:

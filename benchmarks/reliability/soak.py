@@ -88,7 +88,8 @@ class Sampler:
 
 
 def spawn(repo: Path, logs: Path, name: str, *args: str) -> Spawned:
-    served = Spawned.mnist_serve(serve_command(), repo, ["--device", "cpu", *args], logs / f"{name}.log")
+    args = ("--device", "cpu", "--workers", "1", *args)  # one process: psutil reads its memory alone
+    served = Spawned.mnist_serve(serve_command(), repo, list(args), logs / f"{name}.log")
     served.wait_serving(Connection((served.target,)))
     return served
 
@@ -314,7 +315,7 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "cpu": platform.processor() or platform.machine(),
                 "load_average_at_start": os.getloadavg(),
-                "note": "server and load generator share these cores (and other users' jobs)",
+                "note": "server and load generator share these cores",
             },
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
