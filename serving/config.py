@@ -58,7 +58,7 @@ class ServerConfig:
     max_pending_rpcs: int = field(
         default=256,
         metadata=flag(
-            "calls gRPC holds for this process past --max-concurrent-rpcs; beyond that, new calls are refused "
+            "calls gRPC holds past --max-concurrent-rpcs; beyond that, new calls are refused "
             "at once with CANCELLED: with it, the memory an overload can take is bounded"
         ),
     )
