@@ -2,8 +2,9 @@
 
 Targets: `host:port`, `dns:///name:port` (e.g. a Kubernetes headless Service: every pod address), or
 `ipv4:a:port,b:port`. Every channel uses gRPC's `round_robin` policy over the addresses the target resolves
-to, and retries UNAVAILABLE (a replica that stopped or died before answering; inference is idempotent) a
-bounded number of times with exponential back-off: the service config below, which docs/deploy.md shows
+to, and retries, a bounded number of times with exponential back-off, the calls a replica going away never
+answered (inference is idempotent): UNAVAILABLE, and CANCELLED, which gRPC answers for calls it received
+during shutdown but never handed to the server. The service config below is the one docs/deploy.md shows
 for tritonclient and plain grpc users too.
 
 A server started with --workers N shares its port between N processes, and the kernel hands each TCP
@@ -25,7 +26,7 @@ SERVICE_CONFIG = {
                 "initialBackoff": "0.05s",
                 "maxBackoff": "1s",
                 "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
             },
         }
     ],

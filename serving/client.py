@@ -85,15 +85,17 @@ class StreamError:
 
 
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+# What a worker or replica going away answers for a call it never computed: safe to send again elsewhere.
+RESEND = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 class MnistClient:
     """Thread-safe. Calls go round-robin over `connections` channels (see serving.channels), so the load
     of one client spreads over a server's worker processes and, with a multi-address target, its replicas.
 
-    A unary call that fails with UNAVAILABLE (its connection's worker or replica went away) is sent again on
-    the next channel, at most once per channel: inference is idempotent, and another channel is most
-    likely connected to a process that still serves while the broken one reconnects."""
+    A unary call that fails with UNAVAILABLE or CANCELLED (its connection's worker or replica went away) is
+    sent again on the next channel, at most once per channel: inference is idempotent, and another channel
+    is most likely connected to a process that still serves while the broken one reconnects."""
 
     def __init__(
         self,
@@ -134,7 +136,7 @@ class MnistClient:
                 reply = next(self._stubs).Classify(request, timeout=self.timeout, metadata=self.metadata)
                 return from_response(reply)
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == len(self.channels) - 1:
+                if e.code() not in RESEND or attempt == len(self.channels) - 1:
                     raise
 
     def classify_each(

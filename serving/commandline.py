@@ -88,29 +88,22 @@ def bounded(kind: type, low: float, high: float) -> typing.Callable[[str], Any]:
 
 def bounded_list(kind: type, low: float, high: float) -> typing.Callable[[str], tuple]:
     """argparse type: comma-separated numbers, each within low..high."""
-    one = bounded(kind, low, high)
-
-    def parse(text: str) -> tuple:
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-        return tuple(one(item) for item in items)
-
-    parse.__name__ = f"{kind.__name__} list"
-    return parse
+    return _list_of(bounded(kind, low, high))
 
 
 def number_list(kind: type) -> typing.Callable[[str], tuple]:
     """argparse type: comma-separated numbers, e.g. 1,8,64."""
-    one = number(kind)
+    return _list_of(number(kind))
 
+
+def _list_of(one: typing.Callable[[str], Any]) -> typing.Callable[[str], tuple]:
     def parse(text: str) -> tuple:
         items = [item.strip() for item in text.split(",") if item.strip()]
         if not items:
             raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
         return tuple(one(item) for item in items)
 
-    parse.__name__ = f"{kind.__name__} list"
+    parse.__name__ = f"{one.__name__} list"
     return parse
 
 

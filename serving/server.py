@@ -246,8 +246,11 @@ def configure_logging(level: str, worker: int | None = None) -> None:
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
 
 
-async def serve(config: ServerConfig) -> None:
-    server = Server(config)
+async def serve(
+    config: ServerConfig, worker: int = 0, link: Connection | None = None, restore: Restore | None = None
+) -> None:
+    """Run one server process until SIGTERM/SIGINT has stopped it (see Server for worker, link, restore)."""
+    server = Server(config, worker, link, restore)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))

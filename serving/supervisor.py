@@ -44,7 +44,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from serving import eventloop
 from serving.config import ServerConfig
 from serving.control import error_from, merge_rows
-from serving.server import STARTUP_ERRORS, Restore, Server, configure_logging
+from serving.server import STARTUP_ERRORS, Restore, configure_logging, serve
 
 log = logging.getLogger("serving.supervisor")
 
@@ -398,7 +398,7 @@ def run_worker(config: ServerConfig, index: int, link: Connection, restore: Rest
     _die_with_supervisor()
     configure_logging(config.log_level, index)
     try:
-        eventloop.run(_serve_worker(config, index, link, restore))
+        eventloop.run(serve(config, index, link, restore))
     except STARTUP_ERRORS as e:
         _report_failure(link, str(e))
     except Exception as e:  # anything else: one line to the supervisor, not a traceback per worker
@@ -410,16 +410,3 @@ def _report_failure(link: Connection, message: str) -> None:
     with contextlib.suppress(OSError):
         link.send(("failed", message))
     sys.exit(2)
-
-
-async def _serve_worker(config: ServerConfig, index: int, link: Connection, restore: Restore | None) -> None:
-    server = Server(config, worker=index, link=link, restore=restore)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
-    try:
-        await server.start()
-    except BaseException:
-        await server.stop()
-        raise
-    await server.wait_stopped()

@@ -1,10 +1,13 @@
 """What several test files share: waiting on a condition, the one tolerance for batched results, and small
 ONNX models built by hand (to serve without training, or to break the contract one way at a time)."""
 
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -100,3 +103,38 @@ def add_model(
     path = repo / name / str(version) / "model.onnx"
     path.write_bytes(model if isinstance(model, bytes) else model.SerializeToString())
     return path
+
+
+class ClientLoad:
+    """Threads that classify real digits through one client until the block ends; counts its answers and its
+    errors by status. The client's calls go over all of its connections."""
+
+    def __init__(self, client, images: np.ndarray, threads: int = 4) -> None:
+        self.answered = 0
+        self.errors: Counter = Counter()
+        self._client, self._images = client, images
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def __enter__(self) -> "ClientLoad":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._client.classify(self._images, top_k=1)
+                outcome = None
+            except grpc.RpcError as e:
+                outcome = e.code().name
+            with self._lock:
+                if outcome is None:
+                    self.answered += 1
+                else:
+                    self.errors[outcome] += 1

@@ -4,11 +4,9 @@ as pods behind a headless Service), reached through one `ipv4:` target with roun
 The replicas are real `mnist-serve` processes; the loopback addresses stand in for pod addresses.
 """
 
-import threading
 import urllib.request
 from collections import Counter
 
-import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,7 +14,7 @@ from serving.bench.loadgen import Connection
 from serving.bench.spawn import Spawned, free_port, serve_command
 from serving.client import MnistClient
 
-from helpers import wait_for
+from helpers import ClientLoad, wait_for
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
@@ -78,39 +76,20 @@ def test_one_target_spreads_over_every_replica(replicas, mnist) -> None:
 @pytest.mark.parametrize("stop_signal", ["SIGKILL", "SIGTERM"])
 def test_the_client_moves_to_the_other_replicas_when_one_stops(replicas, mnist, stop_signal) -> None:
     servers, target = replicas
-    errors, answered, stop = Counter(), Counter(), threading.Event()
-
-    def load(client: MnistClient) -> None:
-        while not stop.is_set():
-            try:
-                client.classify(mnist.test_images[:2], top_k=1)
-                answered["total"] += 1
-            except grpc.RpcError as e:
-                errors[e.code().name] += 1
-
-    with MnistClient(target, connections=2) as client:
-        threads = [threading.Thread(target=load, args=(client,)) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        try:
-            wait_for(lambda: min(answered_by(s) for s in servers) > 10, 60, "load on every replica")
-            victim = servers[1]
-            if stop_signal == "SIGKILL":
-                victim.process.kill()
-            else:
-                victim.process.terminate()  # drains: answers what it accepted, then exits 0
-            exit_code = victim.process.wait(60)
-            before = [answered_by(s) for s in (servers[0], servers[2])]
-            wait_for(
-                lambda: all(
-                    answered_by(s) > n + 30 for s, n in zip((servers[0], servers[2]), before, strict=True)
-                ),
-                60,
-                "the other replicas taking the load",
-            )
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(30)
-    assert errors == Counter(), errors  # no failed request: retried on another replica
+    with MnistClient(target, connections=2) as client, ClientLoad(client, mnist.test_images[:2]) as load:
+        wait_for(lambda: min(answered_by(s) for s in servers) > 10, 60, "load on every replica")
+        victim = servers[1]
+        if stop_signal == "SIGKILL":
+            victim.process.kill()
+        else:
+            victim.process.terminate()  # drains: answers what it accepted, then exits 0
+        exit_code = victim.process.wait(60)
+        others = (servers[0], servers[2])
+        before = [answered_by(s) for s in others]
+        wait_for(
+            lambda: all(answered_by(s) > n + 30 for s, n in zip(others, before, strict=True)),
+            60,
+            "the other replicas taking the load",
+        )
+    assert load.errors == Counter(), load.errors  # no failed request: retried on another replica
     assert exit_code == (-9 if stop_signal == "SIGKILL" else 0)

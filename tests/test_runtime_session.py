@@ -103,14 +103,15 @@ def test_results_do_not_depend_on_batch_size(cnn_path: Path) -> None:
         assert (other.argmax(1) == whole.argmax(1)).all()
 
 
-def test_concurrent_callers_get_their_own_results(cnn_path: Path) -> None:
-    session = ModelSession(cnn_path, RuntimeOptions(device="cpu"))
-    want = [session.run(IMAGES[i : i + 4]) for i in range(8)]
+@pytest.mark.parametrize("buckets", [(), (2, 4)], ids=["dynamic-batch", "buckets"])
+def test_concurrent_callers_get_their_own_results(cnn_path: Path, buckets: tuple) -> None:
+    session = ModelSession(cnn_path, RuntimeOptions(device="cpu", batch_buckets=buckets))
+    want = [session.run(IMAGES[i : i + 3]) for i in range(8)]
     got: list = [None] * 8
 
     def call(i: int) -> None:
         for _ in range(5):
-            got[i] = session.run(IMAGES[i : i + 4])
+            got[i] = session.run(IMAGES[i : i + 3])
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
     for t in threads:
@@ -185,24 +186,6 @@ def test_buckets_on_cpu_give_the_unbucketed_results_in_order(cnn_path: Path) -> 
         np.testing.assert_allclose(bucketed.run(IMAGES[:n]), plain.run(IMAGES[:n]), atol=TOLERANCE)
     # Padding rows never leak: a batch padded with real images first and zeros later answers the same.
     np.testing.assert_allclose(bucketed.run(IMAGES[5:8]), plain.run(IMAGES[5:8]), atol=TOLERANCE)
-
-
-def test_concurrent_callers_of_buckets_get_their_own_results(cnn_path: Path) -> None:
-    session = ModelSession(cnn_path, RuntimeOptions(device="cpu", batch_buckets=(2, 4)))
-    want = [session.run(IMAGES[i : i + 3]) for i in range(8)]
-    got: list = [None] * 8
-
-    def call(i: int) -> None:
-        for _ in range(5):
-            got[i] = session.run(IMAGES[i : i + 3])
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for w, g in zip(want, got, strict=True):
-        np.testing.assert_allclose(g, w, atol=TOLERANCE)
 
 
 def test_cuda_provider_options_name_the_gpu_only_when_it_is_not_the_default() -> None:

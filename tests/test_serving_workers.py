@@ -9,12 +9,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import urllib.request
 from collections import Counter
 from pathlib import Path
 
-import grpc
 import numpy as np
 import psutil
 import pytest
@@ -28,7 +26,7 @@ from serving.client import MnistClient
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
 
-from helpers import wait_for
+from helpers import ClientLoad, wait_for
 
 ONE = np.zeros((1, 1, 28, 28), np.uint8)
 
@@ -86,36 +84,23 @@ def test_one_client_reaches_every_worker(trained_repo, tmp_path, mnist) -> None:
 
 def test_a_killed_worker_is_restarted_while_the_others_answer(trained_repo, tmp_path, mnist) -> None:
     served = start(trained_repo, tmp_path)
-    errors, answered, stop = [], Counter(), threading.Event()
-
-    def load(client: MnistClient) -> None:
-        while not stop.is_set():
-            try:
-                client.classify(mnist.test_images[:2], top_k=1)
-                answered["total"] += 1
-            except grpc.RpcError as e:
-                errors.append(e.code())
-
     try:
-        with MnistClient(served.target, connections=16) as client:
-            threads = [threading.Thread(target=load, args=(client,)) for _ in range(4)]
-            for thread in threads:
-                thread.start()
-            wait_for(lambda: answered["total"] > 50, 60, "load")
+        with (
+            MnistClient(served.target, connections=16) as client,
+            ClientLoad(client, mnist.test_images[:2]) as load,
+        ):
+            wait_for(lambda: load.answered > 50, 60, "load")
             victim = worker_pid(served, 0)
             psutil.Process(victim).send_signal(signal.SIGKILL)
             wait_for(lambda: worker_pid(served, 0) != victim, 60, "worker 0 restarted")
             wait_for(lambda: worker_value(served, "mnist_worker_up", 0) == 1.0, 60, "worker 0 up again")
-            during = answered["total"]
-            wait_for(lambda: answered["total"] > during + 50, 60, "answers after the restart")
-            stop.set()
-            for thread in threads:
-                thread.join(30)
+            during = load.answered
+            wait_for(lambda: load.answered > during + 50, 60, "answers after the restart")
         log = served.log_path.read_text()
         assert re.search(rf"event=worker_exited worker=0 pid={victim} signal=SIGKILL", log), log[-2000:]
         assert worker_value(served, "mnist_worker_restarts_total", 0) == 1
-        # Calls cut off by the kill were retried on another connection (UNAVAILABLE is retried).
-        assert errors == [], Counter(errors)
+        # Calls cut off by the kill were sent again on another connection (UNAVAILABLE).
+        assert load.errors == Counter(), load.errors
         with MnistClient(served.target, connections=16) as client:  # new connections reach both again
             before = requests_by_worker(served)
             for i in range(64):
@@ -123,7 +108,6 @@ def test_a_killed_worker_is_restarted_while_the_others_answer(trained_repo, tmp_
             grew = requests_by_worker(served) - before
             assert set(grew) == {"0", "1"}, grew
     finally:
-        stop.set()
         assert served.stop() == 0
 
 
