@@ -36,10 +36,15 @@ class Handling:
         self.api = api
         self.metrics = metrics
         self.repository = repository
+        # Requests this API began and answered (OK or an error status): the log of a shutdown states both,
+        # so that no accepted request can go unanswered unseen.
+        self.started = 0
+        self.answered = 0
 
     async def run(self, model: str, version: str, work: Awaitable[Response]) -> Response | RequestError:
         """Await `work`; return its response, or the RequestError the client must get."""
         start = time.perf_counter()
+        self.started += 1
         self.metrics.inflight.inc()
         try:
             outcome = await work
@@ -57,6 +62,7 @@ class Handling:
             )
         finally:
             self.metrics.inflight.dec()
+        self.answered += 1
         seconds = time.perf_counter() - start
         status = outcome.code.name if isinstance(outcome, RequestError) else "OK"
         known = self.repository.known(model)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from multiprocessing.connection import Connection
 
 import grpc
@@ -69,6 +70,7 @@ class Server:
         self._restore = restore
         self._control: LocalControl | WorkerControl | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._handlings: tuple[Handling, ...] = ()
         self._metrics_http = None
         self._poller: asyncio.Task | None = None
         self._stopping = False
@@ -131,18 +133,16 @@ class Server:
             ],
         )
         streams = self.streams
+        kserve, classify = (Handling(api, self.metrics, self.repository) for api in ("kserve", "classify"))
+        self._handlings = (kserve, classify)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(
-                self.repository, Handling("kserve", self.metrics, self.repository), self._control,
-                c.max_images_per_request, self.provider, streams,
+                self.repository, kserve, self._control, c.max_images_per_request, self.provider, streams
             ),
             self._grpc,
-        )  # fmt: skip
+        )
         classify_pb2_grpc.add_ClassifierServicer_to_server(
-            ClassifierServicer(
-                self.repository, Handling("classify", self.metrics, self.repository), c, streams
-            ),
-            self._grpc,
+            ClassifierServicer(self.repository, classify, c, streams), self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((*SERVICES, HEALTH_SERVICE, reflection.SERVICE_NAME), self._grpc)
@@ -195,13 +195,22 @@ class Server:
         await self.health.enter_graceful_shutdown()
         self.streams.close()  # open streams answer what they have read, then end: none holds the grace
         if self._grpc is not None:
+            began = time.monotonic()
             await self._grpc.stop(self.config.grace_seconds)
+            if time.monotonic() - began >= self.config.grace_seconds:
+                # gRPC cancels what it still holds. A call that gRPC core received but never handed to the
+                # servicers (rare, under load) also holds the grace period: its client gets UNAVAILABLE.
+                unanswered = sum(h.started - h.answered for h in self._handlings)
+                log.warning("event=grace_expired unanswered_requests=%d", unanswered)
         await self.repository.close()
         if self._metrics_http:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         self._stopped.set()
-        log.info("event=stopped")
+        log.info(
+            "event=stopped requests_started=%d requests_answered=%d",
+            sum(h.started for h in self._handlings), sum(h.answered for h in self._handlings),
+        )  # fmt: skip
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
