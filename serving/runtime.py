@@ -20,6 +20,7 @@ import onnxruntime as ort
 from serving.buckets import Buckets, FixedBatchSession, default_sizes
 from serving.commandline import flag, require, within
 from serving.contract import IMAGE_SHAPE, INPUT_NAME, INPUT_SHAPE_TEXT, NUM_CLASSES, OUTPUT_NAME
+from serving.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +178,6 @@ def _check_contract(session: ort.InferenceSession, path: Path) -> str | None:
     return batch if isinstance(batch, str) else None
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
 class _CudaUnavailable(Exception):
     """A session asked for CUDA came up on CPU (ORT falls back when CUDA/cuDNN fail to load)."""
 
@@ -257,7 +254,7 @@ class ModelSession:
                 str(self.path), so or _session_options(self.options), providers=providers
             )
         except Exception as e:  # ORT raises several types (Fail, InvalidGraph, InvalidProtobuf...)
-            raise ModelLoadError(f"{self.path}: not a loadable ONNX model: {_first_line(e)}") from e
+            raise ModelLoadError(f"{self.path}: not a loadable ONNX model: {first_line(e)}") from e
 
     def _open_buckets(self, sizes: tuple[int, ...], batch_dim: str, requested: str) -> Buckets:
         def make_session(size: int, cuda_graph: bool) -> ort.InferenceSession:
