@@ -31,6 +31,12 @@ EXECUTION_MODES = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "parallel": o
 CUDNN_CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
+# The largest batch the batcher runs on the event loop thread rather than hand to its threads
+# (serving.batcher): on CPU an ORT run of a few images of an MNIST-sized model costs less than the hand-offs
+# (measured: benchmarks/serving.md).
+INLINE_IMAGES = 4
+
+
 class ModelLoadError(Exception):
     """The file is not a loadable ONNX model or violates the serving I/O contract."""
 
@@ -239,6 +245,12 @@ class ModelSession:
         elif self._session.get_providers()[0] != provider:
             raise _CudaUnavailable
         self.provider = provider
+
+    @property
+    def inline_images(self) -> int:
+        """The largest batch worth running on the caller's thread; 0 with buckets (CUDA), whose runs go to
+        a bucket's own thread anyway and may wait for the GPU."""
+        return 0 if self._buckets is not None else INLINE_IMAGES
 
     @property
     def bucket_sizes(self) -> tuple[int, ...]:
