@@ -1,9 +1,10 @@
-"""What every RPC of both APIs shares: deadlines, the per-request bookkeeping, and pipelined streams.
+"""What every RPC of both APIs shares: deadlines, the per-request bookkeeping, pipelined streams.
 
 `Handling.run` wraps one request's work: the in-flight gauge, the latency timer, the request counter by
 status, and the outcome. A RequestError becomes its own status; any other exception becomes INTERNAL with
 one log line, and is counted like any failure, so a bug answers one request with an error instead of
-breaking a stream or skipping the metrics.
+breaking a stream or skipping the metrics. `compute` is the batched middle of every inference request: the
+batcher, the response, and Triton's statistics. `Handling.stream` runs a stream: pipelined and bounded.
 """
 
 import asyncio
@@ -13,10 +14,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+import numpy as np
 
+from serving.batcher import BatchResult
 from serving.errors import RequestError, reject
 from serving.metrics import Metrics
-from serving.repository import ModelRepository
+from serving.repository import LoadedVersion, ModelRepository
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,14 @@ Response = TypeVar("Response")
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+def check_image_count(n: int, limit: int) -> None:
+    """The per-request image limit (--max-images-per-request) of every API."""
+    if n > limit:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"{n} images in one request, above the limit of {limit}"
+        )
 
 
 class Handling:
@@ -50,8 +61,9 @@ class Handling:
             outcome = await work
         except RequestError as e:
             # Without its traceback: the traceback holds this frame, which holds the error, a reference
-            # cycle that only the cyclic garbage collector frees, and it would keep the request's message
-            # (megabytes, for a refused large request) alive until it runs (docs/reliability.md, defect 1).
+            # cycle that only the cyclic garbage collector frees, and it would keep the request's
+            # message (megabytes, for a refused large request) alive until it runs (docs/reliability.md,
+            # defect 1).
             outcome = e.with_traceback(None)
         except Exception as e:  # a bug: answer this request, keep serving the others
             what = f"{type(e).__name__}: {e}"
@@ -64,10 +76,12 @@ class Handling:
             self.metrics.inflight.dec()
         self.answered += 1
         seconds = time.perf_counter() - start
-        status = outcome.code.name if isinstance(outcome, RequestError) else "OK"
+        failed = isinstance(outcome, RequestError)
         known = self.repository.known(model)
-        self.metrics.request_done(model if known else "unknown", self.api, status, seconds)  # bounded labels
-        if isinstance(outcome, RequestError) and known:
+        self.metrics.request_done(
+            model if known else "unknown", self.api, outcome.code.name if failed else "OK", seconds
+        )  # bounded labels
+        if failed and known:
             loaded = self.repository.find(model, version)
             if loaded is not None:
                 loaded.statistics.record_failure(int(seconds * 1e9))
@@ -82,11 +96,68 @@ class Handling:
             return reject(context, outcome)
         return outcome
 
+    async def stream(
+        self,
+        requests: AsyncIterator[Request],
+        context: grpc.aio.ServicerContext,
+        readers: "StreamReaders",
+        answer: Callable[[Request, float | None], Awaitable[Response]],
+    ) -> AsyncIterator[Response]:
+        """A streaming RPC: `answer(request, deadline)` makes each response (it goes through `run`, so a
+        failed request becomes a stream message and the stream goes on), pipelined (see `pipelined`)."""
+        deadline = deadline_of(context)
+        async for response in pipelined(requests, lambda request: answer(request, deadline), readers):
+            yield response
+
+
+async def compute(
+    loaded: LoadedVersion,
+    images: np.ndarray,
+    deadline: float | None,
+    started_ns: int,
+    respond: Callable[[BatchResult], Response],
+) -> Response:
+    """Run validated `images` through the model's batcher and build the response with `respond`; record the
+    request in Triton's statistics (total, queue, input = validation since `started_ns`, infer, output)."""
+    decoded = time.perf_counter_ns()
+    result = await loaded.batcher.submit(images, deadline)
+    answered = time.perf_counter_ns()
+    response = respond(result)
+    done = time.perf_counter_ns()
+    loaded.statistics.record_success(
+        len(images), done - started_ns, int(result.queue_seconds * 1e9), decoded - started_ns,
+        int(result.compute_seconds * 1e9), done - answered,
+    )  # fmt: skip
+    return response
+
+
+class _GenericOnly:
+    """A server as the generated add_*Servicer_to_server functions see it: handlers become generic ones."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        pass  # the same handlers were added as generic ones
+
+
+def generic_only(server: grpc.aio.Server) -> _GenericOnly:
+    """Pass this instead of the server to add_*Servicer_to_server: the service's methods are served through
+    generic handlers only. grpc.aio keeps one pending request per registered method and, for every call it
+    accepts, waits on all of them at once (asyncio.wait); with the ~25 methods of both APIs and health that
+    cost more per call than the rest of gRPC's own work (benchmarks/serving.md). A generic handler costs
+    one dict lookup."""
+    return _GenericOnly(server)
+
 
 class StreamReaders:
     """The reading side of every open stream, so that a shutdown can stop them: each stream then
     answers the requests it has read and ends with OK (a request it never read was never accepted).
-    Otherwise streams would be read until the grace period ran out, then cancelled mid-request."""
+    Otherwise streams would be read until the grace period ran out, then cancelled mid-request.
+    """
 
     def __init__(self) -> None:
         self._reading: set[asyncio.Task] = set()
@@ -98,6 +169,9 @@ class StreamReaders:
             return
         self._reading.add(reader)
         reader.add_done_callback(self._reading.discard)
+
+    def __len__(self) -> int:
+        return len(self._reading)  # streams open and being read
 
     def close(self) -> None:
         self.closed = True
