@@ -30,7 +30,7 @@ from serving.metrics import Metrics
 from serving.proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from serving.proto.mnist.v1 import classify_pb2, classify_pb2_grpc
 from serving.repository import ModelRepository, RepositoryError
-from serving.rpc import Handling, StreamReaders, generic_only
+from serving.rpc import Admission, Handling, StreamReaders, generic_only
 from serving.runtime import DeviceError, resolve_device
 from serving.security import SecurityConfigError, TokenAuthInterceptor, read_token, server_credentials
 
@@ -64,7 +64,8 @@ class Server:
         self.provider = resolve_device(config.runtime.device)
         self.repository = ModelRepository(config, self.metrics, self._set_health)
         self.health = health.aio.HealthServicer()
-        self.streams = StreamReaders()
+        self.streams = StreamReaders(config.stream_idle_seconds)
+        self.admission = Admission(config.max_concurrent_rpcs)  # shared by every API of this process
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._link = link
@@ -123,8 +124,7 @@ class Server:
         interceptors = [TokenAuthInterceptor(read_token(c.auth_token_file))] if c.auth_token_file else []
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
-            # Bounds the per-RPC state (tasks, parsed requests) an overload can pile up in this process.
-            maximum_concurrent_rpcs=c.max_concurrent_rpcs,
+            # No maximum_concurrent_rpcs: it counts calls, so idle streams held it. Admission counts requests.
             options=[
                 ("grpc.max_receive_message_length", c.max_message_bytes),
                 ("grpc.max_send_message_length", c.max_message_bytes),
@@ -135,10 +135,16 @@ class Server:
                 # bounded, so that an overload cannot grow memory without limit (docs/reliability.md).
                 ("grpc.server.max_pending_requests", c.max_pending_rpcs),
                 ("grpc.server.max_pending_requests_hard_limit", c.max_pending_rpcs),
+                # Ping idle connections, so that a client gone without closing (host down, network cut)
+                # frees its connection and streams within minutes.
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
             ],
         )
         streams = self.streams
-        kserve, classify = (Handling(api, self.metrics, self.repository) for api in ("kserve", "classify"))
+        kserve, classify = (
+            Handling(api, self.metrics, self.repository, self.admission) for api in ("kserve", "classify")
+        )
         self._handlings = (kserve, classify)
         generic = generic_only(self._grpc)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
