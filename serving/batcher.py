@@ -211,13 +211,13 @@ class Batcher:
         """
         batch: list[_Pending] = []
         expired: list[_Pending] = []
-        size = 0
+        size = taken = 0
         now = time.monotonic()
         while self._pending and size + len(self._pending[0].images) <= self.max_batch_size:
             p = self._pending.popleft()
             n = len(p.images)
             self._pending_images -= n
-            self._metrics.queue_depth.dec(n)
+            taken += n
             late = p.deadline is not None and now > p.deadline
             if p.future.done():  # gRPC cancelled the call: the client went away or its deadline passed
                 (self._metrics.deadline_expired if late else self._metrics.cancelled).inc()
@@ -227,6 +227,7 @@ class Batcher:
             else:
                 batch.append(p)
                 size += n
+        self._metrics.queue_depth.dec(taken)  # once per batch: in multiprocess mode each update writes a file
         return batch, expired
 
     def _compute(self, batch: list[_Pending], on_loop: bool = False) -> None:
