@@ -73,7 +73,7 @@ class ClassifierServicer(classify_pb2_grpc.ClassifierServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         return await self.handling.unary(
-            context, request.model, request.version, self._classify(request, deadline_of(context))
+            context, request.model, request.version, self.classify(request, deadline_of(context))
         )
 
     async def ClassifyStream(
@@ -85,14 +85,15 @@ class ClassifierServicer(classify_pb2_grpc.ClassifierServicer):
     async def _answer_in_stream(
         self, request: pb.ClassifyRequest, deadline: float | None
     ) -> pb.ClassifyStreamResponse:
-        outcome = await self.handling.run(request.model, request.version, self._classify(request, deadline))
+        outcome = await self.handling.run(request.model, request.version, self.classify(request, deadline))
         if isinstance(outcome, RequestError):  # a bad request gets `error` and the stream goes on
             return pb.ClassifyStreamResponse(
                 error=pb.Error(code=outcome.code.value[0], message=outcome.message), id=request.id
             )
         return pb.ClassifyStreamResponse(response=outcome, id=request.id)
 
-    async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+    async def classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        """One classification, whichever front end received it (gRPC here, or another protocol's)."""
         start = time.perf_counter_ns()
         loaded = self.repository.get(request.model, request.version)
         n = len(request.images)

@@ -66,7 +66,7 @@ class Handling:
     """The bookkeeping around each request of one API (`api` labels the metrics)."""
 
     def __init__(
-        self, api: str, metrics: Metrics, repository: ModelRepository, admission: Admission | None = None
+        self, api: str, metrics: Metrics, repository: ModelRepository, *, admission: Admission | None = None
     ) -> None:
         self.api = api
         self.metrics = metrics

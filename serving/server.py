@@ -143,7 +143,8 @@ class Server:
         )
         streams = self.streams
         kserve, classify = (
-            Handling(api, self.metrics, self.repository, self.admission) for api in ("kserve", "classify")
+            Handling(api, self.metrics, self.repository, admission=self.admission)
+            for api in ("kserve", "classify")
         )
         self._handlings = (kserve, classify)
         generic = generic_only(self._grpc)
