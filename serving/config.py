@@ -65,6 +65,13 @@ class ServerConfig:
             "refuses new calls: with it, the memory an overload can take is bounded"
         ),
     )
+    max_streams: int = field(
+        default=1024,
+        metadata=flag(
+            "streams open at once per process, over both APIs; beyond it, a new stream is refused at once "
+            "with RESOURCE_EXHAUSTED"
+        ),
+    )
     stream_idle_seconds: float = field(
         default=300.0,
         metadata=flag(
@@ -128,6 +135,7 @@ class ServerConfig:
             ("max_message_bytes", 2**31 - 1),  # gRPC's limits are 32-bit signed
             ("max_concurrent_rpcs", 1_000_000),
             ("max_pending_rpcs", 1_000_000),
+            ("max_streams", 1_000_000),
         ):
             value = getattr(self, name)
             require(within(value, 1, high), c, name, f"within 1..{high}", value)

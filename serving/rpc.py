@@ -137,7 +137,13 @@ class Handling:
     ) -> AsyncIterator[Response]:
         """A streaming RPC: `answer(request, deadline)` makes each response (it goes through `run`, so a
         failed request becomes a stream message and the stream goes on), pipelined (see `pipelined`). A
-        stream left idle past `readers.idle_seconds` ends with DEADLINE_EXCEEDED."""
+        stream beyond `readers.limit` is refused; one left idle past `readers.idle_seconds` is ended."""
+        if readers.limit is not None and len(readers) >= readers.limit:
+            reject(context, RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server full: {len(readers)} streams open (limit {readers.limit}); retry later, back off",
+            ))  # fmt: skip
+            return
         deadline = deadline_of(context)
         try:
             async for response in pipelined(requests, lambda request: answer(request, deadline), readers):
@@ -202,10 +208,12 @@ class StreamReaders:
 
     `idle_seconds`: a stream with nothing in flight that sends no request for that long is ended (with
     DEADLINE_EXCEEDED), so that forgotten or dead clients' streams do not stay open forever. None: never.
+    `limit`: streams open at once; a stream beyond it is refused at once with RESOURCE_EXHAUSTED.
     """
 
-    def __init__(self, idle_seconds: float | None = None) -> None:
+    def __init__(self, idle_seconds: float | None = None, limit: int | None = None) -> None:
         self.idle_seconds = idle_seconds
+        self.limit = limit
         self._reading: set[asyncio.Task] = set()
         self.closed = False
 

@@ -64,7 +64,7 @@ class Server:
         self.provider = resolve_device(config.runtime.device)
         self.repository = ModelRepository(config, self.metrics, self._set_health)
         self.health = health.aio.HealthServicer()
-        self.streams = StreamReaders(config.stream_idle_seconds)
+        self.streams = StreamReaders(config.stream_idle_seconds, config.max_streams)
         self.admission = Admission(config.max_concurrent_rpcs)  # shared by every API of this process
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -124,7 +124,9 @@ class Server:
         interceptors = [TokenAuthInterceptor(read_token(c.auth_token_file))] if c.auth_token_file else []
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
-            # No maximum_concurrent_rpcs: it counts calls, so idle streams held it. Admission counts requests.
+            # Admission bounds requests and StreamReaders streams; gRPC's own bound on calls (which refuses
+            # before a message is read) only stops what comes faster than they can refuse it.
+            maximum_concurrent_rpcs=c.max_concurrent_rpcs + c.max_streams,
             options=[
                 ("grpc.max_receive_message_length", c.max_message_bytes),
                 ("grpc.max_send_message_length", c.max_message_bytes),

@@ -86,7 +86,7 @@ def test_every_numeric_flag_is_in_the_tables():
         "--batch-buckets", "--grace", "--inter-op-threads", "--intra-op-threads", "--max-batch-size",
         "--max-concurrent-rpcs", "--max-connection-age", "--max-image-bytes", "--max-image-pixels",
         "--max-images-per-request", "--max-message-bytes", "--max-pending-rpcs", "--max-queue-delay-us",
-        "--max-queue-images",
+        "--max-queue-images", "--max-streams",
         "--metrics-port", "--poll", "--port", "--stream-idle-timeout", "--workers",
     ]  # fmt: skip
 

@@ -194,7 +194,7 @@ def test_a_full_server_refuses_at_once_with_resource_exhausted(start_server, rep
 
 
 def test_idle_streams_hold_no_share_of_the_request_limit(start_server, repo) -> None:
-    running = start_server(repo, max_concurrent_rpcs=32)
+    running = start_server(repo, max_concurrent_rpcs=32, max_streams=40)
     with running.channel() as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
         outboxes = [Outbox() for _ in range(40)]
@@ -202,7 +202,10 @@ def test_idle_streams_hold_no_share_of_the_request_limit(start_server, repo) -> 
         wait_for(lambda: len(running.server.streams) == 40, what="40 open streams")
         for _ in range(5):  # 40 idle streams against a limit of 32 requests: unary calls still get answers
             assert stub.ModelInfer(tensor_request([1, 1, 28, 28]), timeout=10).raw_output_contents
-        outboxes[0].put(tensor_request([1, 1, 28, 28]))  # and every stream still answers
+        with pytest.raises(grpc.RpcError) as error:  # a stream beyond --max-streams is refused at once
+            next(stub.ModelStreamInfer(iter(()), timeout=10))
+        assert error.value.code() == EXHAUSTED and "streams open" in error.value.details()
+        outboxes[0].put(tensor_request([1, 1, 28, 28]))  # and every open stream still answers
         assert next(streams[0]).infer_response.raw_output_contents
         for outbox in outboxes:
             outbox.close()
