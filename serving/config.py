@@ -11,6 +11,7 @@ from pathlib import Path
 
 from serving.channels import MAX_MESSAGE_BYTES
 from serving.commandline import flag, require, within
+from serving.http.options import HttpOptions
 from serving.runtime import RuntimeOptions
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -34,6 +35,7 @@ class ServerConfig:
             metavar="N",
         ),
     )
+    http: HttpOptions = field(default_factory=HttpOptions)  # the HTTP/REST front end (serving.http)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     max_batch_size: int | None = field(
         default=None, metadata=flag("images per ONNX Runtime run (default: config.pbtxt's max_batch_size)")

@@ -24,6 +24,7 @@ from serving.classify import ClassifierServicer
 from serving.commandline import HelpFormatter, add_flags, build_config
 from serving.config import ServerConfig
 from serving.control import LocalControl, WorkerControl
+from serving.http.frontend import HttpFrontEnd
 from serving.kserve import KServeServicer
 from serving.metrics import Metrics
 from serving.proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
@@ -66,12 +67,14 @@ class Server:
         self.streams = StreamReaders()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._link = link
         self._restore = restore
         self._control: LocalControl | WorkerControl | None = None
         self._grpc: grpc.aio.Server | None = None
         self._handlings: tuple[Handling, ...] = ()
         self._metrics_http = None
+        self._http: HttpFrontEnd | None = None
         self._poller: asyncio.Task | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -86,12 +89,14 @@ class Server:
             await self._load_models()
             self._listen(reuse_port=True)
             await self._grpc.start()
+            await self._start_http(reuse_port=True)
             self._log_listening()
             self._control.send(("ready", self.repository.served(), sorted(self.repository.unloaded)))
             return self.port
         self._control = LocalControl(self.repository)
         self._listen(reuse_port=False)
         await self._grpc.start()
+        await self._start_http(reuse_port=False)
         self._serve_metrics()
         self._log_listening()
         await self._load_models()
@@ -154,6 +159,14 @@ class Server:
         else:
             self.port = self._grpc.add_insecure_port(address)
 
+    async def _start_http(self, reuse_port: bool) -> None:
+        """The HTTP/REST front end (serving.http): same repository, control, limits and metrics as gRPC."""
+        if not self.config.http.enabled:
+            return
+        self._http = HttpFrontEnd(self.config, self.repository, self._control, self.metrics, self.provider)
+        self.http_port = await self._http.start(reuse_port)
+        self._handlings += self._http.handlings
+
     def _connection_age_options(self) -> list[tuple[str, int]]:
         age = self.config.max_connection_age_seconds
         if age is None:
@@ -178,8 +191,9 @@ class Server:
     def _log_listening(self) -> None:
         c = self.config
         log.info(
-            "event=listening address=%s:%d tls=%s auth=%s metrics=%s provider=%s",
-            c.host, self.port, c.tls, "token" if c.auth_token_file else "off",
+            "event=listening address=%s:%d http=%s tls=%s auth=%s metrics=%s provider=%s",
+            c.host, self.port, f"{c.host}:{self.http_port}" if self._http else "off", c.tls,
+            "token" if c.auth_token_file else "off",
             f"{c.metrics_host}:{self.metrics_port}" if self.metrics_port is not None else "supervisor",
             self.provider,
         )  # fmt: skip
@@ -194,6 +208,7 @@ class Server:
             self._poller.cancel()
         await self.health.enter_graceful_shutdown()
         self.streams.close()  # open streams answer what they have read, then end: none holds the grace
+        http_stopped = asyncio.ensure_future(self._http.stop()) if self._http else None  # beside gRPC's
         if self._grpc is not None:
             began = time.monotonic()
             await self._grpc.stop(self.config.grace_seconds)
@@ -202,6 +217,8 @@ class Server:
                 # servicers (rare, under load) also holds the grace period: its client gets UNAVAILABLE.
                 unanswered = sum(h.started - h.answered for h in self._handlings)
                 log.warning("event=grace_expired unanswered_requests=%d", unanswered)
+        if http_stopped is not None:
+            await http_stopped
         await self.repository.close()
         if self._metrics_http:
             self._metrics_http.shutdown()

@@ -172,12 +172,17 @@ class Supervisor:
             raise StartupError(f"model repository {c.repo} is not a directory")
         reservation = reserve_port(c.host, c.port)
         port = reservation.getsockname()[1]
+        # The HTTP front end's port (serving.http), shared by the workers the same way.
+        http_reservation = reserve_port(c.host, c.http.http_port) if c.http.enabled else None
+        http = replace(c.http, http_port=http_reservation.getsockname()[1]) if http_reservation else c.http
         self._metrics_dir = tempfile.mkdtemp(prefix="mnist-serve-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir  # the spawned workers inherit it
         httpd = None
         try:
             httpd = self._serve_metrics()
-            self._worker_config = replace(c, port=port, metrics_port=-1, workers=1, poll_seconds=None)
+            self._worker_config = replace(
+                c, port=port, http=http, metrics_port=-1, workers=1, poll_seconds=None
+            )
             for index in range(self.count):
                 self._start_worker(index, restore=None)
             try:
@@ -189,7 +194,11 @@ class Supervisor:
                 await self._stopped.wait()
                 return 0
             metrics = f"{c.metrics_host}:{httpd.server_port}" if httpd else "off"
-            log.info("event=ready workers=%d address=%s:%d metrics=%s", self.count, c.host, port, metrics)
+            http_address = f"{c.host}:{http.http_port}" if http_reservation else "off"
+            log.info(
+                "event=ready workers=%d address=%s:%d http=%s metrics=%s",
+                self.count, c.host, port, http_address, metrics,
+            )  # fmt: skip
             if c.poll_seconds:
                 self._spawn_task(self._poll_forever(c.poll_seconds))
             await self._stopped.wait()
@@ -199,6 +208,8 @@ class Supervisor:
                 httpd.shutdown()
                 httpd.server_close()
             reservation.close()
+            if http_reservation is not None:
+                http_reservation.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     def _serve_metrics(self):

@@ -179,7 +179,8 @@ def test_model_statistics_count_every_image_across_workers(trained_repo, tmp_pat
 @pytest.mark.parametrize("problem", ["missing repository", "only a corrupt model", "port in use"])
 def test_start_up_errors_are_one_line_and_a_non_zero_exit(trained_repo, tmp_path, problem) -> None:
     repo, port = tmp_path / "repo", free_port()
-    args = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1", "--workers", "3"]
+    args = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1", "--http-port", "0"]
+    args += ["--workers", "3"]
     if problem == "only a corrupt model":
         (repo / "broken" / "1").mkdir(parents=True)
         shutil.copy(trained_repo / "mnist" / "config.pbtxt", repo / "broken")
