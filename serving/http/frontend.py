@@ -126,15 +126,15 @@ class HttpFrontEnd:
         if self._token is not None and request.path not in OPEN_PATHS:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, self._token):
-                return _refuse(
+                return error_response(
                     401,
                     "missing or invalid 'Authorization: Bearer <token>'",
                     {"WWW-Authenticate": 'Bearer realm="mnist-serve"'},
                 )
         if self.stopping:
-            return _refuse(503, "server shutting down; retry", {"Retry-After": "1"})
+            return _shed("server shutting down; retry")
         if self._admitted >= self._admit_limit:
-            return _refuse(503, "server overloaded: too many requests at once; retry", {"Retry-After": "1"})
+            return _shed("server overloaded: too many requests at once; retry")
         self._admitted += 1
         try:
             async with self._turns:
@@ -154,8 +154,10 @@ class HttpFrontEnd:
         return response
 
 
-def _refuse(status: int, message: str, headers: dict[str, str]) -> web.Response:
-    """A refusal before the body is read: the connection closes rather than read a body to discard it."""
-    response = error_response(status, message, headers)
+def _shed(message: str) -> web.Response:
+    """503 without reading the body: this connection closes rather than spend more on it. (Other refusals
+    keep aiohttp's lingering close, which reads the rest of a body for a while so that a client still
+    sending it gets its status rather than a reset connection.)"""
+    response = error_response(503, message, {"Retry-After": "1"})
     response.force_close()
     return response

@@ -67,8 +67,4 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 def failure(error: RequestError) -> web.Response:
     status = http_status(error)
-    response = error_response(status, error.message, {"Retry-After": "1"} if status in (429, 503) else None)
-    if status in (PAYLOAD_TOO_LARGE, REQUEST_TIMEOUT):
-        # The client may still be sending: close rather than read the rest only to discard it.
-        response.force_close()
-    return response
+    return error_response(status, error.message, {"Retry-After": "1"} if status in (429, 503) else None)

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from serving.contract import INPUT_NAME, OUTPUT_NAME
+from serving.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 from serving.errors import RequestError
 from serving.proto.inference import grpc_service_pb2 as pb
 
@@ -173,11 +173,11 @@ def infer_request(
 
 
 def declared_images(request: pb.ModelInferRequest) -> int:
-    """N of the [N,1,28,28] input as declared (0 when there is no such input): checked against the limit
-    before the tensor is decoded."""
-    if len(request.inputs) != 1 or not request.inputs[0].shape:
+    """N of a [N,1,28,28] input as declared (0 for any other request, which decode_tensor refuses): checked
+    against the limit before anything else reads the tensor."""
+    if len(request.inputs) != 1 or len(shape := request.inputs[0].shape) != 1 + len(IMAGE_SHAPE):
         return 0
-    return request.inputs[0].shape[0]
+    return shape[0] if tuple(shape[1:]) == IMAGE_SHAPE else 0
 
 
 def infer_response(response: pb.ModelInferResponse, options: InferOptions) -> tuple[bytes, int | None]:
