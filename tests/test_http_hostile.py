@@ -220,3 +220,16 @@ def test_more_clients_than_it_takes_get_503_at_once(port) -> None:
             s.close()
     wait_for(lambda: call(port, "GET", "/v2/models/mnist")[0] == 200, what="requests to be taken again")
     still_serving(port)
+
+
+def test_image_decompression_bombs_to_classify_are_400(port) -> None:
+    from test_reliability_hostile_input import jpeg_header_only, png_header_only
+
+    for bomb in (
+        png_header_only(5000, 5000, "L"),
+        jpeg_header_only(5000, 5000),
+    ):  # over 4096², under Pillow's own limit
+        assert len(bomb) < 2048
+        status, message = error_of(call(port, "POST", "/v1/models/mnist/classify?top_k=1", bomb))
+        assert status == 400 and "above the limit" in message, message
+    still_serving(port)

@@ -16,7 +16,7 @@ from serving.classify import ClassifierServicer
 from serving.config import ServerConfig
 from serving.contract import NUM_CLASSES
 from serving.errors import RequestError
-from serving.http.bodies import read_images
+from serving.http.limits import by_deadline, read_images
 from serving.http.status import failure
 from serving.http.tensors import invalid
 from serving.proto.mnist.v1 import classify_pb2 as pb
@@ -60,8 +60,9 @@ class ClassifyApi:
         message = pb.ClassifyRequest(
             model=name, version=version, top_k=top_k, images=[pb.Image(encoded=data) for _, data in images]
         )
-        deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
-        answer = await self.classifier.classify(message, deadline)
+        timeout = timeout_ms / 1000 if timeout_ms else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        answer = await by_deadline(timeout, self.classifier.classify(message, deadline))
         predictions = []
         for (file, _), p in zip(images, answer.predictions, strict=True):
             prediction = {"file": file} if file else {}

@@ -35,8 +35,8 @@ PAGE = importlib.resources.files("serving.http").joinpath("page/index.html")
 
 
 def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
-    """The gRPC port's TLS settings as an ssl context: certificate and key, and with --tls-client-ca,
-    client certificates required (mTLS)."""
+    """--tls-cert and --tls-key as an ssl context, with client certificates required when --tls-client-ca
+    is set (mTLS): the gRPC port's settings."""
     if config.tls_cert is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -81,10 +81,10 @@ class HttpFrontEnd:
         self._ssl = tls_context(config)
         self.app = web.Application(middlewares=[self._guard], client_max_size=c.max_message_bytes)
         self.app.add_routes([web.get("/", self.page)])
-        inference = InferenceApi(kserve, kserve_handling, repository, control, limits, self.ready)
-        self.app.add_routes(inference.routes())
+        self.app.add_routes(InferenceApi(kserve, kserve_handling, limits, self.ready).routes())
         self.app.add_routes(ClassifyApi(classifier, classify_handling, c, read_timeout).routes())
         self._runner: web.AppRunner | None = None
+        self._page = PAGE.read_bytes()
 
     def ready(self) -> bool:
         return self.repository.ready and not self.stopping
@@ -118,7 +118,7 @@ class HttpFrontEnd:
             await self._runner.cleanup()
 
     async def page(self, request: web.Request) -> web.Response:
-        return web.Response(body=PAGE.read_bytes(), content_type="text/html", charset="utf-8")
+        return web.Response(body=self._page, content_type="text/html", charset="utf-8")
 
     @web.middleware
     async def _guard(self, request: web.Request, handler) -> web.StreamResponse:

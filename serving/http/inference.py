@@ -22,9 +22,8 @@ from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 
 from serving.contract import IMAGE_SHAPE, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
-from serving.control import Control
 from serving.errors import RequestError
-from serving.http.bodies import read_body
+from serving.http.limits import by_deadline, read_body
 from serving.http.status import PayloadTooLarge, failure
 from serving.http.tensors import (
     BINARY_TYPE,
@@ -38,7 +37,6 @@ from serving.http.tensors import (
     split_body,
 )
 from serving.kserve import KServeServicer
-from serving.repository import ModelRepository
 from serving.rpc import Handling
 from serving.statistics import to_proto
 
@@ -85,19 +83,15 @@ def _numbers(value: dict, kind: descriptor.Descriptor) -> dict:
 
 
 class InferenceApi:
+    """The routes, on the gRPC servicer's repository and control; `ready` is the front end's readiness."""
+
     def __init__(
-        self,
-        kserve: KServeServicer,
-        handling: Handling,
-        repository: ModelRepository,
-        control: Control,
-        limits: Limits,
-        ready: Callable[[], bool],
+        self, kserve: KServeServicer, handling: Handling, limits: Limits, ready: Callable[[], bool]
     ) -> None:
         self.kserve = kserve
         self.handling = handling
-        self.repository = repository
-        self.control = control
+        self.repository = kserve.repository
+        self.control = kserve.control
         self.max_body_bytes, self.max_images, self.read_timeout = limits
         self.ready = ready
 
@@ -184,8 +178,9 @@ class InferenceApi:
             raise PayloadTooLarge(
                 f"{declared_images(message)} images in one request, above the limit of {self.max_images}"
             )
-        deadline = None if options.timeout_seconds is None else time.monotonic() + options.timeout_seconds
-        answer = await self.kserve.infer(message, deadline)
+        timeout = options.timeout_seconds
+        deadline = None if timeout is None else time.monotonic() + timeout
+        answer = await by_deadline(timeout, self.kserve.infer(message, deadline))
         content, header_length = infer_response(answer, options)
         if header_length is None:
             return web.Response(body=content, content_type=JSON_TYPE)

@@ -70,21 +70,12 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]
     return parse_json(view[:n], "the JSON header"), view[n:]
 
 
-def _object(value: Any, what: str) -> dict:
-    if not isinstance(value, dict):
-        raise invalid(f"{what} must be a JSON object, got {type(value).__name__}")
-    return value
+JSON_KINDS = {dict: "a JSON object", list: "a JSON array", str: "a string"}
 
 
-def _list(value: Any, what: str) -> list:
-    if not isinstance(value, list):
-        raise invalid(f"{what} must be a JSON array, got {type(value).__name__}")
-    return value
-
-
-def _string(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise invalid(f"{what} must be a string, got {type(value).__name__}")
+def _expect(value: Any, kind: type, what: str) -> Any:
+    if not isinstance(value, kind):
+        raise invalid(f"{what} must be {JSON_KINDS[kind]}, got {type(value).__name__}")
     return value
 
 
@@ -123,25 +114,25 @@ def infer_request(
     model: str, version: str, header: Any, binary: memoryview
 ) -> tuple[pb.ModelInferRequest, InferOptions]:
     """The ModelInferRequest an HTTP request stands for; RequestError(INVALID_ARGUMENT) says what is wrong."""
-    header = _object(header, "the request")
+    header = _expect(header, dict, "the request")
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     if "id" in header:
-        request.id = _string(header["id"], "id")
-    parameters = _object(header.get("parameters", {}), "parameters")
+        request.id = _expect(header["id"], str, "id")
+    parameters = _expect(header.get("parameters", {}), dict, "parameters")
     timeout_us = _whole(parameters.get("timeout", 0), "parameters.timeout (microseconds)", 86_400 * 10**6)
     binary_default = _flag(parameters.get("binary_data_output", False), "parameters.binary_data_output")
-    inputs = _list(header.get("inputs"), "inputs")
+    inputs = _expect(header.get("inputs"), list, "inputs")
     offset = 0
     for i, given in enumerate(inputs):
         what = f"inputs[{i}]"
-        given = _object(given, what)
-        shape = _list(given.get("shape"), f"{what}.shape")
+        given = _expect(given, dict, what)
+        shape = _expect(given.get("shape"), list, f"{what}.shape")
         tensor = request.inputs.add(
-            name=_string(given.get("name"), f"{what}.name"),
-            datatype=_string(given.get("datatype"), f"{what}.datatype"),
+            name=_expect(given.get("name"), str, f"{what}.name"),
+            datatype=_expect(given.get("datatype"), str, f"{what}.datatype"),
             shape=[_whole(d, f"{what}.shape[{j}]", MAX_DIMENSION) for j, d in enumerate(shape)],
         )
-        tensor_parameters = _object(given.get("parameters", {}), f"{what}.parameters")
+        tensor_parameters = _expect(given.get("parameters", {}), dict, f"{what}.parameters")
         if "binary_data_size" in tensor_parameters:
             size = _whole(tensor_parameters["binary_data_size"], f"{what}.parameters.binary_data_size",
                           len(binary))  # fmt: skip
@@ -158,11 +149,11 @@ def infer_request(
     if offset != len(binary):
         raise invalid(f"{len(binary)} bytes of binary data, but the inputs' binary_data_size sum to {offset}")
     binary_outputs = {}
-    for i, given in enumerate(_list(header.get("outputs", []), "outputs")):
+    for i, given in enumerate(_expect(header.get("outputs", []), list, "outputs")):
         what = f"outputs[{i}]"
-        given = _object(given, what)
-        name = _string(given.get("name"), f"{what}.name")
-        output_parameters = _object(given.get("parameters", {}), f"{what}.parameters")
+        given = _expect(given, dict, what)
+        name = _expect(given.get("name"), str, f"{what}.name")
+        output_parameters = _expect(given.get("parameters", {}), dict, f"{what}.parameters")
         if "classification" in output_parameters:
             raise invalid("the classification extension is not supported: POST /v1/models/{name}/classify")
         request.outputs.add(name=name)

@@ -1,12 +1,15 @@
-"""Reading request bodies within the server's limits. The size limits (--max-message-bytes for a body,
+"""Requests within the server's limits. The size limits (--max-message-bytes for a body,
 --max-image-bytes and --max-images-per-request for images) are enforced while the bytes arrive, never
 after buffering them, and on the decompressed bytes of a gzip or deflate body; the whole body must arrive
 within --http-read-timeout (a slow or stalled client would otherwise hold its connection and buffer for as
-long as it liked)."""
+long as it liked); and a request's deadline is answered when it passes, as gRPC does.
+"""
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+import grpc
 from aiohttp import BodyPartReader, web
 
 from serving.errors import RequestError
@@ -14,6 +17,21 @@ from serving.http.status import BodyTooSlow, PayloadTooLarge
 from serving.http.tensors import invalid
 
 CHUNK = 64 * 1024
+T = TypeVar("T")
+
+
+async def by_deadline(timeout_seconds: float | None, work: Awaitable[T]) -> T:
+    """Await `work`; past the deadline, cancel it (the batcher drops a request still queued) and answer
+    DEADLINE_EXCEEDED then, not when the queue would have got to it."""
+    if timeout_seconds is None:
+        return await work
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            return await work
+    except TimeoutError:
+        raise RequestError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline of {timeout_seconds:g} s exceeded"
+        ) from None
 
 
 async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
