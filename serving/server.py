@@ -1,5 +1,6 @@
-"""mnist-serve: one server process. Wiring of the gRPC server (both APIs, health, reflection), metrics,
-polling and shutdown; with --workers N the supervisor (serving.supervisor) runs N of these side by side.
+"""mnist-serve: one server process. Wiring of the gRPC server (both APIs, health, reflection), the HTTP
+front end beside it (serving.http), metrics, polling and shutdown; with --workers N the supervisor
+(serving.supervisor) runs N of these side by side.
 
 Start-up order of a single process: listen first (health NOT_SERVING, ServerReady false), load and warm every
 model, then health SERVING. A worker process loads first and listens after, so the kernel never hands a
@@ -254,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mnist-serve",
         description="Serve the ONNX models of a Triton-layout repository over gRPC: the KServe v2 / Open "
-        "Inference Protocol (package inference) and the mnist.v1.Classifier image API, dynamically batched.",
+        "Inference Protocol (package inference) and the mnist.v1.Classifier image API, dynamically batched; "
+        "and over HTTP: the protocol's REST binding, /v1/models/NAME/classify for image files, and a page "
+        "to draw digits on at /.",
         formatter_class=HelpFormatter,
     )
     add_flags(p, ServerConfig)

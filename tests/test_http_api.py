@@ -479,3 +479,25 @@ def test_the_http_port_reaches_every_worker_and_one_repository_state(trained_rep
         assert {call(served.http_port, "GET", "/v2/models/mnist/ready")[0] for _ in range(20)} == {200}
     finally:
         assert served.stop() == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_http_port_is_one_error_line(trained_repo, workers) -> None:
+    import socket
+    import subprocess
+
+    from serving.bench.spawn import free_port, serve_command
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    http_port = taken.getsockname()[1]
+    try:
+        args = ["--repo", str(trained_repo), "--host", "127.0.0.1", "--port", str(free_port())]
+        args += ["--metrics-port", "-1", "--http-port", str(http_port), "--workers", workers]
+        done = subprocess.run(
+            [*serve_command(), *args, "--device", "cpu"], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        taken.close()
+    errors = [line for line in done.stderr.splitlines() if line.startswith("mnist-serve: error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert str(http_port) in errors[0], errors[0]
