@@ -5,10 +5,11 @@ tritonclient.http sends by default): the `Inference-Header-Content-Length` HTTP 
 length, and each tensor whose `parameters.binary_data_size` is set takes that many bytes of the rest, in
 order. Without the header the whole body is JSON and tensors carry `data` (flat or nested, row-major).
 
-The server turns a request into the ModelInferRequest the gRPC servicer answers (raw bytes stay bytes,
-JSON numbers become typed contents), so both protocols share one validation (serving.kserve.decode_tensor)
-and one inference path; only the JSON shape of things is checked here. The client half (encode_request,
-decode_response) is what load generators and tests send and read. No web framework is imported.
+The server turns a request into the ModelInferRequest the gRPC servicer answers (binary data as it came,
+JSON numbers as the raw bytes of their datatype), so both protocols share one validation
+(serving.kserve.decode_tensor) and one inference path; only what is particular to JSON is checked here. The
+client half (encode_request, decode_response) is what load generators and tests send and read. No web
+framework is imported.
 """
 
 import json
@@ -91,23 +92,21 @@ def _whole(value: Any, what: str, high: int) -> int:
     return value
 
 
-def _contents(tensor: pb.ModelInferRequest.InferInputTensor, data: Any, what: str) -> None:
-    """JSON numbers into the typed contents of the tensor's datatype (UINT8 or FP32; decode_tensor refuses
-    other datatypes and checks the count and the range)."""
+def _json_bytes(datatype: str, data: Any, what: str) -> bytes | None:
+    """A tensor's JSON numbers as the raw little-endian bytes of its datatype (UINT8 or FP32; None for
+    another datatype, which decode_tensor refuses along with counts and FP32 ranges). Raw bytes, not typed
+    protobuf contents: a request waiting in the queue holds a quarter of the memory."""
     try:
         values = np.asarray(data)
     except ValueError:  # ragged nesting
         raise invalid(f"{what}.data must be an array of numbers, nested evenly") from None
     if values.dtype.kind not in "iuf":
         raise invalid(f"{what}.data must hold numbers only")
-    flat = values.ravel().tolist()
-    try:
-        if tensor.datatype == "UINT8":
-            tensor.contents.uint_contents.extend(flat)
-        elif tensor.datatype == "FP32":
-            tensor.contents.fp32_contents.extend(flat)
-    except (TypeError, ValueError):
-        raise invalid(f"{what}.data: {tensor.datatype} values must be integers within 0..255") from None
+    if datatype == "UINT8":
+        if values.dtype.kind == "f" or (values.size and not 0 <= values.min() <= values.max() <= 255):
+            raise invalid(f"{what}.data: UINT8 values must be integers within 0..255")
+        return values.astype(np.uint8).tobytes()
+    return values.astype("<f4").tobytes() if datatype == "FP32" else None
 
 
 def infer_request(
@@ -143,7 +142,9 @@ def infer_request(
             request.raw_input_contents.append(bytes(binary[offset : offset + size]))
             offset += size
         elif "data" in given:
-            _contents(tensor, given["data"], what)
+            raw = _json_bytes(tensor.datatype, given["data"], what)
+            if raw is not None:
+                request.raw_input_contents.append(raw)
         else:
             raise invalid(f"{what} has no data: set data, or parameters.binary_data_size with binary data")
     if offset != len(binary):
