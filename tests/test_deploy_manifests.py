@@ -30,9 +30,10 @@ import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
 from serving.channels import SERVICE_CONFIG
+from serving.cli import parse_args
 from serving.config import ServerConfig
 from serving.metrics import Metrics
-from serving.server import SERVICES, parse_args
+from serving.server import SERVICES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
