@@ -15,7 +15,7 @@ restarts) adopts the committed state the same way before it listens.
 The link is a multiprocessing pipe: in a worker a thread reads it and hands each message to the event loop,
 and only the event loop writes to it. Every message is one of the dataclasses below:
 
-    worker -> supervisor  Started | Listening | Failed | Ask(id, Load | Unload | Statistics) | Done(id, ...)
+    worker -> supervisor  Started | Listening | Failed | Ask(id, LoadModel | UnloadModel | Statistics) | Done
     supervisor -> worker  Command(id, Prepare(change) | Commit | Abort | Statistics) | Reply(id, error, value)
     change                Scan(listing) | LoadModel(name, listing) | UnloadModel(name) | Adopt(state)
 """
@@ -41,17 +41,7 @@ log = logging.getLogger(__name__)
 StatisticsRow = tuple[str, int, Snapshot]  # model name, version, figures
 
 
-# -- what an RPC asks of the whole server ---------------------------------------------------------------
-@dataclass(frozen=True)
-class Load:
-    name: str
-
-
-@dataclass(frozen=True)
-class Unload:
-    name: str
-
-
+# -- ModelStatistics: a worker asks the supervisor, which asks every worker ---------------------------------
 @dataclass(frozen=True)
 class Statistics:
     """Figures of the selected versions (empty name: every model; empty version: every served version)."""
@@ -60,7 +50,7 @@ class Statistics:
     version: str
 
 
-# -- repository changes, as the supervisor decided them -------------------------------------------------
+# -- repository changes: decided once, by the supervisor --------------------------------------------------
 @dataclass(frozen=True)
 class Scan:
     """Serve what the listing shows (--poll, and the start-up of the server)."""
@@ -70,10 +60,11 @@ class Scan:
 
 @dataclass(frozen=True)
 class LoadModel:
-    """RepositoryModelLoad: one model, every file of it tried again."""
+    """RepositoryModelLoad: one model, every file of it tried again. A worker asks without a listing; the
+    supervisor lists the model's files and sends the change with it."""
 
     name: str
-    listing: Listing
+    listing: Listing | None = None
 
 
 @dataclass(frozen=True)
@@ -159,8 +150,10 @@ class Failed:
 
 @dataclass(frozen=True)
 class Ask:
+    """An RPC this worker received that concerns every worker."""
+
     id: int
-    request: Load | Unload | Statistics
+    request: LoadModel | UnloadModel | Statistics
 
 
 @dataclass(frozen=True)
@@ -250,15 +243,15 @@ class WorkerControl:
 
     # -- Control: ask the supervisor, which asks every worker ---------------------------------------------
     async def load(self, name: str) -> None:
-        await self._ask(Load(validate_name(name)))
+        await self._ask(LoadModel(validate_name(name)))
 
     async def unload(self, name: str) -> None:
-        await self._ask(Unload(validate_name(name)))
+        await self._ask(UnloadModel(validate_name(name)))
 
     async def statistics(self, name: str, version: str) -> list[StatisticsRow]:
         return await self._ask(Statistics(name, version))
 
-    async def _ask(self, request: Load | Unload | Statistics):
+    async def _ask(self, request: LoadModel | UnloadModel | Statistics):
         key = next(self._ids)
         answer = self._waiting[key] = self._loop.create_future()
         try:

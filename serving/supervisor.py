@@ -60,7 +60,6 @@ from serving.control import (
     Error,
     Failed,
     Listening,
-    Load,
     LoadModel,
     Prepare,
     Prepared,
@@ -68,7 +67,6 @@ from serving.control import (
     Scan,
     Started,
     Statistics,
-    Unload,
     UnloadModel,
     merge_rows,
 )
@@ -490,16 +488,14 @@ class Supervisor:
                 reply = Reply(ask.id, None, merge_rows(list(per_worker.values())))
             else:
                 async with self._change_lock:
-                    reply = Reply(ask.id, await self._two_phase(await self._model_change(request)))
+                    if isinstance(request, LoadModel):  # listed now, under the lock: what is on disk now
+                        listing = await asyncio.to_thread(list_models, self._root, [request.name])
+                        request = replace(request, listing=listing)
+                    reply = Reply(ask.id, await self._two_phase(request))
         except OSError as e:  # the repository could not be listed
             reply = Reply(ask.id, Error("INTERNAL", f"cannot read the model repository: {e}"))
         with contextlib.suppress(OSError):
             worker.link.send(reply)
-
-    async def _model_change(self, request: Load | Unload) -> Change:
-        if isinstance(request, Load):
-            return LoadModel(request.name, await asyncio.to_thread(list_models, self._root, [request.name]))
-        return UnloadModel(request.name)
 
     async def _poll(self) -> None:
         async with self._change_lock:

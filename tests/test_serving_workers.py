@@ -11,7 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
+import time
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -114,34 +114,27 @@ class Connections:
             channel.close()
 
 
-class InferLoad:
-    """Threads that each send ModelInfer over a connection of their own until the block ends (no retries:
-    once the server is gone, each thread stops at its next failed call)."""
+class PlainClient:
+    """A client for ClientLoad over plain connections, one per thread's call in turn, with no retries and no
+    resends: what a call gets is what the server did."""
 
-    def __init__(self, target: str, threads: int = 8) -> None:
-        self.answered = 0
-        self._target, self._stop = target, threading.Event()
-        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+    def __init__(self, target: str, connections: int = 8) -> None:
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        self.channels = [grpc.insecure_channel(target, options) for _ in range(connections)]
+        self._stubs = itertools.cycle(
+            [grpc_service_pb2_grpc.GRPCInferenceServiceStub(c) for c in self.channels]
+        )
 
-    def __enter__(self) -> "InferLoad":
-        for thread in self._threads:
-            thread.start()
-        return self
+    def classify(self, images: np.ndarray, top_k: int) -> None:
+        try:
+            next(self._stubs).ModelInfer(infer_request(), timeout=10)
+        except grpc.RpcError:
+            time.sleep(0.01)  # a stopped server refuses at once: do not spin on it
+            raise
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-
-    def _run(self) -> None:
-        with grpc.insecure_channel(self._target, [("grpc.use_local_subchannel_pool", 1)]) as channel:
-            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            while not self._stop.is_set():
-                try:
-                    stub.ModelInfer(infer_request(), timeout=10)
-                    self.answered += 1
-                except grpc.RpcError:
-                    self._stop.wait(0.01)
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
 
 
 def lowest_free_fd(pid: int) -> int:
@@ -352,9 +345,11 @@ def test_a_server_starts_again_on_its_port_at_once_after_a_stop_under_load(
         return served
 
     first = launch("first")
-    with InferLoad(first.target) as load:
+    client = PlainClient(first.target)
+    with ClientLoad(client, mnist.test_images[:1], threads=8) as load:
         wait_for(lambda: load.answered > 100, 60, "load")
         assert first.stop() == 0
+    client.close()
     server_side = [
         c for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == psutil.CONN_TIME_WAIT
     ]
