@@ -297,7 +297,8 @@ class Supervisor:
 
     def _announce_ready(self) -> None:
         """event=ready, once every worker listens and serves a model."""
-        if self._announced or self._stopping or not (self.state and self.state.served):
+        listening = self._startup.done() and not self._stopping  # start-up sets it once every worker listens
+        if self._announced or not listening or not (self.state and self.state.served):
             return
         self._announced = True
         c = self.config

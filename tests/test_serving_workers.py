@@ -42,6 +42,9 @@ def start(repo: Path, tmp_path: Path, workers: int = 2, *extra: str) -> Spawned:
     )
     served.wait_serving(Connection((served.target,)))
     wait_for(lambda: "event=ready" in served.log_path.read_text(), 60, "the supervisor's ready line")
+    log = served.log_path.read_text()  # ready once every worker listens
+    assert log.count("event=listening") == workers
+    assert log.index("event=ready") > log.rindex("event=listening")
     return served
 
 
