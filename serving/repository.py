@@ -120,7 +120,8 @@ Listing = dict[str, ModelFiles]  # model name -> its files, from one look at the
 
 @dataclass(frozen=True)
 class Refusal:
-    """A file that could not be served, with the stamp it had: the same file is not tried again."""
+    """A file that could not be served, with the stamp it had: it is tried again once its stamp changes,
+    or when a load asks for its model."""
 
     stamp: Stamp | None
     reason: str
@@ -154,9 +155,8 @@ class Plan:
     retire: dict[str, set[int]] = field(default_factory=dict)
     unload: set[str] = field(default_factory=set)  # names to mark explicitly unloaded
     reload: set[str] = field(default_factory=set)  # names no longer explicitly unloaded
-    refused: dict[Path, Refusal] | None = (
-        None  # the refusals remembered from the commit on (None: as they are)
-    )
+    # The refusals remembered from the commit on (None: those remembered now).
+    refused: dict[Path, Refusal] | None = None
     outcome: RequestError | None = None
 
     def served_after(self, current: dict[str, LoadedModel]) -> dict[str, set[int]]:

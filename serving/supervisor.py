@@ -79,6 +79,7 @@ YOUNG_SECONDS = 30.0  # a worker that dies younger than this is crash-looping: b
 MAX_BACKOFF_SECONDS = 30.0
 GONE = object()  # what a command to a worker that died meanwhile returns
 METRICS_DIR_PREFIX = "mnist-serve-metrics-"
+STARTING_PREFIX = "mnist-serve-starting-"  # a metrics directory before its owner has locked it
 OWNER_LOCK = ".owner.lock"  # held (flock) by the supervisor that owns a metrics directory, while it lives
 
 WorkerMain = Callable[[ServerConfig, int, Connection], None]  # a worker process's entry point
@@ -151,10 +152,10 @@ def metrics_directory() -> Iterator[str]:
     """A new directory for prometheus-client's multiprocess files, locked by this process, removed at exit."""
     remove_stale_metrics_directories()
     # Made under another name and renamed once locked: no other supervisor ever sees it unlocked.
-    staging = Path(tempfile.mkdtemp(prefix="mnist-serve-starting-"))
+    staging = Path(tempfile.mkdtemp(prefix=STARTING_PREFIX))
     with open(staging / OWNER_LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        path = staging.with_name(METRICS_DIR_PREFIX + staging.name.removeprefix("mnist-serve-starting-"))
+        path = staging.with_name(METRICS_DIR_PREFIX + staging.name.removeprefix(STARTING_PREFIX))
         staging.rename(path)
         try:
             yield str(path)
@@ -469,11 +470,9 @@ class Supervisor:
             state = self.state
 
             def same(prepared: RepositoryState) -> Error | None:
-                return (
-                    None
-                    if prepared == state
-                    else disagreement([Prepared(prepared, None), Prepared(state, None)])
-                )
+                if prepared == state:
+                    return None
+                return disagreement([Prepared(prepared, None), Prepared(state, None)])
 
             error = await self._two_phase(Adopt(state), [worker], same)
         if error is not None and not self._stopping:
