@@ -68,13 +68,22 @@ async def every(seconds: float, action: Callable[[], Awaitable[None]]) -> None:
         await action()
 
 
+def listen_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
+    """The socket family and address that host:port names for listening (an IPv6 host may be bracketed)."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return family, address
+
+
 def check_port(host: str, port: int) -> None:
     """OSError naming host:port if gRPC could not listen there: something else listens on it. The probe
     binds as gRPC does (SO_REUSEADDR), so the TIME_WAIT connections a stopped server leaves behind do not
     keep it from starting again at once."""
-    family, _, _, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    family, address = listen_address(host, port)
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

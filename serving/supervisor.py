@@ -70,7 +70,15 @@ from serving.control import (
     UnloadModel,
     merge_rows,
 )
-from serving.process import check_port, every, on_stop_signals, serve_metrics, startup_problem, stop_http
+from serving.process import (
+    check_port,
+    every,
+    listen_address,
+    on_stop_signals,
+    serve_metrics,
+    startup_problem,
+    stop_http,
+)
 from serving.repository import RepositoryState, list_models
 
 log = logging.getLogger("serving.supervisor")
@@ -124,9 +132,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
     connections of a server that just stopped do not hold up a restart, and SO_REUSEPORT, which they share."""
     if port:
         check_port(host, port)
-    family, _, _, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    family, address = listen_address(host, port)
     reservation = socket.socket(family, socket.SOCK_STREAM)
     reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
