@@ -40,11 +40,15 @@ def start(repo: Path, tmp_path: Path, workers: int = 2, *extra: str) -> Spawned:
     served = Spawned.mnist_serve(
         serve_command(), repo, ["--device", "cpu", "--workers", str(workers), *extra], tmp_path / "server.log"
     )
-    served.wait_serving(Connection((served.target,)))
-    wait_for(lambda: "event=ready" in served.log_path.read_text(), 60, "the supervisor's ready line")
-    log = served.log_path.read_text()  # ready once every worker listens
-    assert log.count("event=listening") == workers
-    assert log.index("event=ready") > log.rindex("event=listening")
+    try:
+        served.wait_serving(Connection((served.target,)))
+        wait_for(lambda: "event=ready" in served.log_path.read_text(), 60, "the supervisor's ready line")
+        log = served.log_path.read_text()  # ready once every worker listens
+        assert log.count("event=listening") == workers
+        assert log.index("event=ready") > log.rindex("event=listening")
+    except BaseException:
+        served.stop()
+        raise
     return served
 
 
@@ -347,12 +351,16 @@ def test_a_server_starts_again_on_its_port_at_once_after_a_stop_under_load(
         served.wait_serving(Connection((served.target,)))
         return served
 
-    first = launch("first")
-    client = PlainClient(first.target)
-    with ClientLoad(client, mnist.test_images[:1], threads=8) as load:
-        wait_for(lambda: load.answered > 100, 60, "load")
-        assert first.stop() == 0
-    client.close()
+    first, client = launch("first"), None
+    try:
+        client = PlainClient(first.target)
+        with ClientLoad(client, mnist.test_images[:1], threads=8) as load:
+            wait_for(lambda: load.answered > 100, 60, "load")
+            assert first.stop() == 0
+    finally:
+        first.stop()
+        if client is not None:
+            client.close()
     server_side = [
         c for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == psutil.CONN_TIME_WAIT
     ]
@@ -372,11 +380,11 @@ def test_the_metrics_directory_a_killed_supervisor_left_is_removed_at_the_next_s
     temporary.mkdir()
     monkeypatch.setenv("TMPDIR", str(temporary))  # where the servers started below keep their metrics files
     killed = start(trained_repo, tmp_path / "killed")
-    (stale,) = temporary.glob("mnist-serve-metrics-*")
     workers = psutil.Process(killed.process.pid).children(recursive=True)
     killed.process.kill()
     killed.process.wait()
     psutil.wait_procs(workers, timeout=60)  # they stop when their supervisor dies
+    (stale,) = temporary.glob("mnist-serve-metrics-*")
     assert list(stale.glob("*.db")), "the killed supervisor's workers left their metrics files"
     served = start(trained_repo, tmp_path / "next")
     try:
