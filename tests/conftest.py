@@ -21,7 +21,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.http.options import HttpOptions
+from serving.config import HttpOptions
 from serving.proto.inference import grpc_service_pb2_grpc
 from serving.proto.mnist.v1 import classify_pb2_grpc
 from serving.runtime import RuntimeOptions

@@ -17,12 +17,12 @@ from google.protobuf import json_format
 from PIL import Image
 from test_serving_security import pki  # noqa: F401 - the certificates the gRPC tests use
 
-from serving.http.options import HttpOptions
+from serving.cli import parse_args
+from serving.config import HttpOptions
 from serving.http.tensors import HEADER_LENGTH, decode_response, encode_request
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc, model_config_pb2
 from serving.proto.mnist.v1 import classify_pb2
-from serving.server import parse_args
 
 from helpers import assert_same_probabilities, wait_for
 

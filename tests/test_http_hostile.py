@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_http_api import call, error_of
 
-from serving.http.options import HttpOptions
+from serving.config import HttpOptions
 from serving.http.tensors import HEADER_LENGTH, encode_request
 
 from helpers import wait_for

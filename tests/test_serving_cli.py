@@ -9,10 +9,10 @@ import pytest
 
 from serving import client
 from serving.bench.cli import build_parser as bench_parser
+from serving.cli import build_parser as serve_parser
+from serving.cli import parse_args
 from serving.config import ServerConfig
 from serving.runtime import RuntimeOptions
-from serving.server import build_parser as serve_parser
-from serving.server import parse_args
 
 
 def test_runtime_flags_reach_runtime_options():

@@ -107,6 +107,7 @@ class HttpFrontEnd:
             await site.start()
         except OSError as e:
             await self._runner.cleanup()
+            self._runner = None
             raise OSError(f"cannot serve HTTP on {c.host}:{c.http.http_port}: {e.strerror}") from None
         self.port = self._runner.addresses[0][1]
         return self.port
