@@ -12,6 +12,7 @@ import argparse
 import itertools
 import json
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,17 +86,15 @@ class StreamError:
 
 
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-# What a worker or replica going away answers for a call it never computed: safe to send again elsewhere.
-RESEND = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 class MnistClient:
     """Thread-safe. Calls go round-robin over `connections` channels (see serving.channels), so the load
     of one client spreads over a server's worker processes and, with a multi-address target, its replicas.
 
-    A unary call that fails with UNAVAILABLE or CANCELLED (its connection's worker or replica went away) is
-    sent again on the next channel, at most once per channel: inference is idempotent, and another channel
-    is most likely connected to a process that still serves while the broken one reconnects."""
+    A call that fails with UNAVAILABLE (its connection's worker or replica went away) is sent again by the
+    channel's retry policy, within its throttled budget (serving.channels); every other error is raised as
+    grpc.RpcError. Inference is idempotent, so a resend is safe."""
 
     def __init__(
         self,
@@ -118,10 +117,15 @@ class MnistClient:
         self._stubs = itertools.cycle([classify_pb2_grpc.ClassifierStub(c) for c in self.channels])
         self.model = model
         self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
         self.metadata = [("authorization", f"Bearer {token}")] if token else None
 
     def classify(
-        self, images: ImageLike | Sequence[ImageLike], top_k: int = 3, version: str = ""
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        top_k: int = 3,
+        version: str = "",
+        timeout: float | None = None,
     ) -> Classification:
         """One request with all images; raises grpc.RpcError on a server error."""
         if isinstance(images, str | Path | bytes | Image.Image) or (
@@ -131,30 +135,55 @@ class MnistClient:
         request = pb.ClassifyRequest(
             model=self.model, version=version, top_k=top_k, images=[to_image_message(i) for i in images]
         )
-        for attempt in range(len(self.channels)):
-            try:
-                reply = next(self._stubs).Classify(request, timeout=self.timeout, metadata=self.metadata)
-                return from_response(reply)
-            except grpc.RpcError as e:
-                if e.code() not in RESEND or attempt == len(self.channels) - 1:
-                    raise
+        stub = next(self._stubs)
+        reply = stub.Classify(
+            request, timeout=self.timeout if timeout is None else timeout, metadata=self.metadata
+        )
+        return from_response(reply)
 
     def classify_each(
-        self, images: Iterable[ImageLike], top_k: int = 3, version: str = ""
-    ) -> Iterator["Classification | StreamError"]:
-        """One streamed request per image, in order: a Classification, or that image's own error."""
-        requests = (
-            pb.ClassifyRequest(model=self.model, version=version, top_k=top_k, images=[to_image_message(i)])
-            for i in images
-        )
+        self, images: Iterable[ImageLike], top_k: int = 3, version: str = "", timeout: float | None = None
+    ) -> Iterator[Classification | StreamError]:
+        """One streamed request per image, in order: a Classification, or that image's own error. An image
+        whose request would exceed this client's message limit is not sent: it gets a RESOURCE_EXHAUSTED
+        StreamError saying so. A failure of the whole stream raises grpc.RpcError."""
+        # Images refused here, and a marker per image sent, in order: the reader interleaves the two.
+        slots: deque[StreamError | None] = deque()
+
+        def requests() -> Iterator[pb.ClassifyRequest]:
+            for image in images:
+                request = pb.ClassifyRequest(
+                    model=self.model, version=version, top_k=top_k, images=[to_image_message(image)]
+                )
+                if (size := request.ByteSize()) > self.max_message_bytes:
+                    slots.append(StreamError("RESOURCE_EXHAUSTED", self._too_large(size)))
+                    continue
+                slots.append(None)
+                yield request
+
         stub = next(self._stubs)
-        for response in stub.ClassifyStream(requests, timeout=self.timeout, metadata=self.metadata):
+        stream = stub.ClassifyStream(
+            requests(), timeout=self.timeout if timeout is None else timeout, metadata=self.metadata
+        )
+        for response in stream:
+            # Every slot before this response's own was appended before its request was sent.
+            while slots[0] is not None:
+                yield slots.popleft()
+            slots.popleft()
             if response.HasField("error"):
                 yield StreamError(
                     CODE_NAMES.get(response.error.code, str(response.error.code)), response.error.message
                 )
             else:
                 yield from_response(response.response)
+        for slot in slots:  # images refused after the last one sent, or never answered
+            yield slot or StreamError("UNAVAILABLE", "the server ended the stream before answering")
+
+    def _too_large(self, size: int) -> str:
+        return (
+            f"the request would be {size:,} bytes, above this client's message limit of "
+            f"{self.max_message_bytes:,} bytes; not sent"
+        )
 
     def close(self) -> None:
         for channel in self.channels:
