@@ -1,5 +1,5 @@
 """The clients' one retry layer (serving.channels): what is resent, how often, and that a failing server gets
-fewer calls, not more.
+fewer calls, not more; and mnist-bench, which resends only when asked and counts every attempt.
 
 The server here is a real gRPC server on loopback that answers every call with one status and counts the
 calls it received (with gRPC's `grpc-previous-rpc-attempts` header, which marks a resend): a server that
@@ -7,12 +7,15 @@ fails every call is the condition under test, and mnist-serve cannot be held in 
 """
 
 import threading
+import time
 from collections import Counter
 from concurrent import futures
 
 import grpc
 import pytest
 
+from serving.bench.apis import build_workload
+from serving.bench.loadgen import Connection, Level, RunSpec, run
 from serving.channels import RETRY_POLICY, RetryPolicy
 from serving.client import MnistClient
 
@@ -99,3 +102,28 @@ def test_the_default_client_never_resends_a_refusal_or_an_ambiguous_failure(refu
                 client.classify(mnist.test_images[0])
             assert refused.value.code() == refusing.code
     assert refusing.calls == [0] * 5
+
+
+def _spec(target: str, workload, retries: int) -> RunSpec:
+    return RunSpec(
+        workload, Connection((target,)), Level(concurrency=2), start_at=time.time(), warmup_s=0.0,
+        duration_s=10.0, max_requests=40, retries=retries,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("refusing", [grpc.StatusCode.UNAVAILABLE], indirect=True)
+def test_mnist_bench_resends_only_when_asked_and_counts_every_attempt(refusing, mnist):
+    workload = build_workload("kserve", False, "mnist", "", mnist.test_images, mnist.test_labels, 1, 8)
+
+    once = run(_spec(refusing.target, workload, retries=0))
+    assert once.status == once.attempts == once.all_attempts == {"UNAVAILABLE": 40}
+    assert refusing.calls == [0] * 40  # no resend by gRPC either
+
+    refusing.calls.clear()
+    retried = run(_spec(refusing.target, workload, retries=2))
+    assert retried.status == {"UNAVAILABLE": 40}  # 40 requests, each failed in the end
+    attempts = retried.attempts["UNAVAILABLE"]
+    assert attempts == retried.all_attempts["UNAVAILABLE"] == len(refusing.calls)  # every attempt counted
+    # Resent, within the clients' retry budget: at most max_tokens / 2 resends before the throttle closes.
+    assert 40 < attempts <= 40 + RETRY_POLICY.max_tokens / 2
+    assert set(refusing.calls) == {0}  # the generator resends itself: to gRPC each attempt is a first one
