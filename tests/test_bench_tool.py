@@ -30,15 +30,12 @@ from serving.bench.loadgen import Connection, Level, RunResult, RunSpec, run, sc
 from serving.bench.runner import split_spec
 from serving.bench.spawn import Spawned, serve_command
 
-from helpers import add_model, fitted_weights, linear_model, wait_for
+from helpers import add_model, fitted_repo, fitted_weights, linear_model, wait_for
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, mnist) -> Path:
-    root = tmp_path_factory.mktemp("bench-repo")
-    weights = fitted_weights(mnist.train_images[:10000], mnist.train_labels[:10000])
-    add_model(root, "mnist", linear_model(weights, normalise=True), max_batch_size=256)
-    return root
+    return fitted_repo(tmp_path_factory.mktemp("bench-repo"), mnist, max_batch_size=256)
 
 
 @pytest.fixture(scope="module")

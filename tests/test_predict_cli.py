@@ -15,15 +15,12 @@ from PIL import Image
 from serving import client
 from serving.channels import MAX_MESSAGE_BYTES
 
-from helpers import add_model, fitted_weights, linear_model
+from helpers import fitted_repo
 
 
 @pytest.fixture(scope="module")
 def linear_repo(tmp_path_factory, mnist) -> Path:
-    root = tmp_path_factory.mktemp("predict-repo")
-    weights = fitted_weights(mnist.train_images[:10000], mnist.train_labels[:10000])
-    add_model(root, "mnist", linear_model(weights, normalise=True), max_batch_size=64)
-    return root
+    return fitted_repo(tmp_path_factory.mktemp("predict-repo"), mnist)
 
 
 def digit(path: Path, image: np.ndarray) -> Path:
