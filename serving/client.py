@@ -291,10 +291,12 @@ def read_file(path: Path, max_bytes: int) -> bytes | FileError:
         return FileError("UNREADABLE", f"cannot read: {e.strerror}")
 
 
-def _run_error(server: str, code: str, details: str) -> RunError:
+def _run_error(a: argparse.Namespace, code: str, details: str) -> RunError:
     if code == "UNAVAILABLE":
-        return RunError(f"cannot reach server {server}: {details}")
-    return RunError(f"server {server} answered {code}: {details}")
+        return RunError(f"cannot reach server {a.server}: {details}")
+    if code == "DEADLINE_EXCEEDED":
+        return RunError(f"the run took longer than --timeout {a.timeout:g} s (server {a.server})")
+    return RunError(f"server {a.server} answered {code}: {details}")
 
 
 def predict(client: MnistClient, paths: list[Path], a: argparse.Namespace, out: Output) -> None:
@@ -319,19 +321,19 @@ def predict(client: MnistClient, paths: list[Path], a: argparse.Namespace, out: 
                 if isinstance(result, Classification):
                     out.result(path, result)
                 elif result.code in RUN_ERRORS:
-                    raise _run_error(a.server, result.code, result.message)
+                    raise _run_error(a, result.code, result.message)
                 else:
                     out.error(path, result.code, f"{result.code}: {result.message}")
         except grpc.RpcError as e:
             if e.code().name not in FILE_ERRORS:
-                raise _run_error(a.server, e.code().name, e.details()) from None
+                raise _run_error(a, e.code().name, e.details()) from None
             path, data = pending.popleft()
             try:
                 alone = client.classify(data, a.top_k, a.version, timeout=deadline - time.monotonic())
                 out.result(path, alone)
             except grpc.RpcError as error:
                 if (code := error.code().name) not in FILE_ERRORS:
-                    raise _run_error(a.server, code, error.details()) from None
+                    raise _run_error(a, code, error.details()) from None
                 out.error(path, code, f"{code}: {error.details()}")
 
 
