@@ -3,6 +3,7 @@
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 
@@ -10,7 +11,7 @@ from tqdm import tqdm
 
 from serving.bench import loadgen
 from serving.bench.loadgen import RunResult, RunSpec
-from serving.bench.server_metrics import Sample, ServerSplit, scrape
+from serving.bench.server_metrics import SCRAPE_ERRORS, Sample, ServerSplit, requests_by_status, scrape
 
 
 def split_spec(spec: RunSpec, procs: int) -> list[RunSpec]:
@@ -71,10 +72,23 @@ class Probe:
         return future
 
 
+@dataclass
+class LevelRun:
+    """One level's figures: the generators' merged result, the server's split over the measured window,
+    and the requests the server counted by status over the whole level (warm-up and drain included: the
+    same requests as RunResult.all_attempts). None where the server has no metrics to read."""
+
+    result: RunResult
+    split: ServerSplit | None
+    server_status: Counter | None
+
+
 def run_level(
     pool: ProcessPoolExecutor, procs: int, spec: RunSpec, probe: Probe, label: str, progress: bool = True
-) -> tuple[RunResult, ServerSplit | None]:
-    """Run one level on the generator processes; read the server's metrics at the window edges."""
+) -> LevelRun:
+    """Run one level on the generator processes; read the server's metrics at the window edges, and its
+    request counts before the first send and after the last answer."""
+    level_before = _read_or_none(probe) if probe.metrics_urls else None
     start_at = time.time() + 0.3
     futures = [pool.submit(loadgen.run, s) for s in split_spec(replace(spec, start_at=start_at), procs)]
     begin = start_at + spec.warmup_s
@@ -91,7 +105,20 @@ def run_level(
             bar.refresh()
             wait(futures, timeout=0.1)
     result = RunResult.merge([f.result() for f in futures])
-    if before is None:
-        return result, None
-    (t0, first), (t1, last) = before.result(), after.result() if after else probe.read()
-    return result, ServerSplit.between(first, last, t1 - t0)
+    split = served = None
+    try:  # a server that went away during the level has no figures to give: the caller says why
+        if before is not None:
+            (t0, first), (t1, last) = before.result(), after.result() if after else probe.read()
+            split = ServerSplit.between(first, last, t1 - t0)
+        if level_before is not None:
+            served = requests_by_status(level_before, probe.read()[1])
+    except SCRAPE_ERRORS:
+        pass
+    return LevelRun(result, split, served)
+
+
+def _read_or_none(probe: Probe) -> Sample | None:
+    try:
+        return probe.read()[1]
+    except SCRAPE_ERRORS:
+        return None
