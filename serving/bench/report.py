@@ -383,10 +383,14 @@ def write_csv(path: Path, rows: list[dict]) -> None:
             writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()})
 
 
-def plot(path: Path, rows: list[dict], floor_rows: list[dict], title: str) -> None:
+def plot(path: Path, rows: list[dict], floor_rows: list[dict], title: str) -> bool:
     """Latency percentiles (log ms) against served images/s: one colour per configuration, one line style
-    per percentile; the echo floor in grey."""
-    import matplotlib
+    per percentile; the echo floor in grey. False, and nothing written, without matplotlib (the bench
+    extra brings it)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -420,3 +424,4 @@ def plot(path: Path, rows: list[dict], floor_rows: list[dict], title: str) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

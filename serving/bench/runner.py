@@ -1,13 +1,14 @@
 """Run one load level on the generator processes and read the server at the edges of its window."""
 
+import contextlib
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
-
-from tqdm import tqdm
+from typing import Any
 
 from serving.bench import loadgen
 from serving.bench.loadgen import RunResult, RunSpec
@@ -96,13 +97,12 @@ def run_level(
     before = probe.read_at(begin) if probe.active else None
     after = probe.read_at(end) if probe.active and end else None
     total = spec.warmup_s + (spec.duration_s if end else 0)
-    progress = progress and sys.stderr.isatty()  # a bar redrawn into a log file is noise
-    with tqdm(total=round(total, 1) or None, desc=f"{label} {spec.level.label}", unit="s", leave=False,
-              disable=not progress, bar_format="{desc}: {bar} {n:.1f}/{total}s") as bar:  # fmt: skip
+    with progress_bar(progress, total, f"{label} {spec.level.label}") as bar:
         while not all(f.done() for f in futures):
-            now = time.time()
-            bar.n = round(min(max(0.0, now - start_at), total or now - start_at), 1)
-            bar.refresh()
+            if bar is not None:
+                now = time.time()
+                bar.n = round(min(max(0.0, now - start_at), total or now - start_at), 1)
+                bar.refresh()
             wait(futures, timeout=0.1)
     result = RunResult.merge([f.result() for f in futures])
     split = served = None
@@ -115,6 +115,22 @@ def run_level(
     except SCRAPE_ERRORS:
         pass
     return LevelRun(result, split, served)
+
+
+@contextlib.contextmanager
+def progress_bar(wanted: bool, total: float, desc: str) -> Iterator[Any]:
+    """A tqdm bar on a terminal; None into a log file (a redrawn bar is noise there) or without the bench
+    extra, which brings tqdm: the run is the same without it."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        wanted = False
+    if not (wanted and sys.stderr.isatty()):
+        yield None
+        return
+    with tqdm(total=round(total, 1) or None, desc=desc, unit="s", leave=False,
+              bar_format="{desc}: {bar} {n:.1f}/{total}s") as bar:  # fmt: skip
+        yield bar
 
 
 def _read_or_none(probe: Probe) -> Sample | None:

@@ -238,14 +238,17 @@ def write_outputs(args, configs, rows, floor_rows, ceilings, servers, load_befor
     if args.repeat > 1:
         tables += [f"Mean ± std over {args.repeat} repeats:", report.summary_markdown(summary)]
     (out / "results.md").write_text("\n\n".join(tables) + "\n")
-    report.plot(out / "latency.png", rows, floor_rows, title)
+    plotted = report.plot(out / "latency.png", rows, floor_rows, title)
     lines = [report.ceiling_table(ceilings), ""] if ceilings else []
     lines += [report.table(rows + floor_rows), *report.notes(rows + floor_rows)]
     retried = "each request sent once" if not args.retries else f"up to {args.retries} resend(s) per request"
     lines.append(f"\n{retried}; load average before the run: {load_before}")
     if args.repeat > 1:
         lines += [f"mean ± std over {args.repeat} repeats:", report.summary_table(summary)]
-    lines.append(f"wrote {out}/results.json, results.csv, results.md, latency.png")
+    written = "results.json, results.csv, results.md" + (", latency.png" if plotted else "")
+    lines.append(f"wrote {out}/{written}")
+    if not plotted:
+        lines.append("latency.png not written: the plot needs matplotlib (the bench extra)")
     print("\n".join(lines), flush=True)
 
 
