@@ -78,7 +78,7 @@ SERVE_ACCEPTS = {
     "--grace": {"0"},
 }
 PREDICT_ACCEPTS: dict[str, set[str]] = {}
-BENCH_ACCEPTS = {"--requests": {"0"}, "--warmup": {"0"}, "--seed": {"0"}}
+BENCH_ACCEPTS = {"--requests": {"0"}, "--warmup": {"0"}, "--seed": {"0"}, "--retries": {"0"}}
 
 
 def test_every_numeric_flag_is_in_the_tables():

@@ -27,6 +27,10 @@ class BadResponse(Exception):
     """A reply that arrived with gRPC status OK but is not a valid answer; args[0] is the status to count."""
 
 
+class InBandError(BadResponse):
+    """A stream's reply that carries the server's error for that request; args[0] is its status name."""
+
+
 @dataclass(frozen=True)
 class Workload:
     """Pre-built requests: requests[i] carries the digits labels[i] (images_per_request of them)."""
@@ -95,7 +99,7 @@ def _decode(api: str, stream: bool, reply: bytes) -> tuple[np.ndarray, str]:
         if stream:
             wrapped = kserve_pb2.ModelStreamInferResponse.FromString(reply)
             if wrapped.error_message:
-                raise BadResponse(_kserve_stream_status(wrapped.error_message))
+                raise InBandError(_kserve_stream_status(wrapped.error_message))
             response = wrapped.infer_response
         else:
             response = kserve_pb2.ModelInferResponse.FromString(reply)
@@ -109,7 +113,7 @@ def _decode(api: str, stream: bool, reply: bytes) -> tuple[np.ndarray, str]:
     if stream:
         wrapped = classify_pb2.ClassifyStreamResponse.FromString(reply)
         if wrapped.WhichOneof("result") == "error":
-            raise BadResponse(_code_name(wrapped.error.code))
+            raise InBandError(_code_name(wrapped.error.code))
         response = wrapped.response
     else:
         response = classify_pb2.ClassifyResponse.FromString(reply)

@@ -1,8 +1,9 @@
 """The load generator: closed loop (fixed concurrency) and open loop (fixed rate) over grpc.aio.
 
-The hot path only sends pre-serialized request bytes and appends (send time, done time, request index,
-status, reply bytes) to a list; decoding and checking every reply happens after the run, outside the
-measured window. `run` is the entry point of one generator process; the CLI may start several.
+The hot path only sends pre-serialized request bytes and appends one record per attempt to a list;
+decoding and checking every reply happens after the run, outside the measured window. Each call is sent
+once: gRPC's retries are off, and a request is resent only with `RunSpec.retries` (serving.bench.retries),
+each attempt recorded. `run` is the entry point of one generator process; the CLI may start several.
 """
 
 import asyncio
@@ -18,14 +19,17 @@ import grpc
 import numpy as np
 
 from serving import eventloop
-from serving.bench.apis import BadResponse, Workload, check, decode
+from serving.bench.apis import BadResponse, InBandError, Workload, check, decode
+from serving.bench.retries import STREAM_CLOSED, Retrier
 from serving.channels import open_aio_channel
 
 # Unanswered requests are cancelled only this long after their own deadline could have ended them, so a
 # late reply is recorded as the DEADLINE_EXCEEDED it got, not as a CANCELLED of the generator's making.
 DEADLINE_MARGIN_S = 2.0
 
-Record = tuple[float, float, int, str, bytes | None]  # scheduled/sent, done, request index, status, reply
+# One attempt: the request's scheduled/first send time, done, request index, status, reply, attempt number
+# (0: the first send), and whether it is the request's last attempt.
+Record = tuple[float, float, int, str, bytes | None, int, bool]
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class Connection:
             credentials = grpc.ssl_channel_credentials(
                 self.root_certificates, self.private_key, self.certificate_chain
             )
-        return open_aio_channel(target, self.max_message_bytes, credentials, self.server_name)
+        return open_aio_channel(target, self.max_message_bytes, credentials, self.server_name, retries=False)
 
     def channels(self) -> list[grpc.aio.Channel]:
         return [self.channel(t) for t in self.targets for _ in range(self.connections)]
@@ -86,12 +90,15 @@ class RunSpec:
     seed: int = 0
     phase: float = 0.0  # open loop, constant arrivals: fraction of an interval to shift this process by
     check: bool = True  # False for the echo floor, whose replies are not probabilities
+    retries: int = 0  # resends of a request that failed with a retryable status (serving.bench.retries)
 
 
 @dataclass
 class RunResult:
-    latency_s: np.ndarray  # valid replies to requests sent in the measured window
-    status: Counter = field(default_factory=Counter)  # outcome of every measured request
+    latency_s: np.ndarray  # valid replies to requests sent in the measured window, first send to answer
+    status: Counter = field(default_factory=Counter)  # final outcome of every measured request
+    attempts: Counter = field(default_factory=Counter)  # every attempt of the measured requests, by status
+    all_attempts: Counter = field(default_factory=Counter)  # every attempt of the level, warm-up included
     images: int = 0  # images in valid replies
     correct: int = 0  # of those, predicted label == true label
     window_s: float = 0.0
@@ -100,13 +107,18 @@ class RunResult:
     unsent: int = 0  # open loop: sends skipped because max_outstanding requests were in flight
     max_lag_s: float = 0.0  # open loop: worst delay between scheduled and actual send
     cpu_s: float = 0.0  # CPU time the generator process(es) used for the level, warm-up included
-    sent: int = 0  # requests sent, warm-up included (cpu_s / sent = generator cost per request)
+    sent: int = 0  # attempts sent, warm-up included (cpu_s / sent = generator cost per attempt)
+    # From the window's start: when the last measured request succeeded, and when the failures began that
+    # nothing succeeded after (None: the last request answered succeeded). A dead server shows as both.
+    answered_until_s: float | None = None
+    failing_since_s: float | None = None
 
     @staticmethod
     def merge(results: "list[RunResult]") -> "RunResult":
         merged = RunResult(np.concatenate([r.latency_s for r in results]))
         for r in results:
-            merged.status.update(r.status)
+            for counts in ("status", "attempts", "all_attempts"):
+                getattr(merged, counts).update(getattr(r, counts))
             merged.images += r.images
             merged.correct += r.correct
             merged.scheduled += r.scheduled
@@ -116,6 +128,11 @@ class RunResult:
             merged.cpu_s += r.cpu_s
             merged.sent += r.sent
         merged.window_s = max(r.window_s for r in results)
+        answered = [r.answered_until_s for r in results if r.answered_until_s is not None]
+        merged.answered_until_s = max(answered) if answered else None
+        failing = [r.failing_since_s for r in results]
+        # Failing only if every process ended failing: one that still got answers saw a live server.
+        merged.failing_since_s = None if None in failing else max(failing)
         return merged
 
 
@@ -164,10 +181,11 @@ async def _run(spec: RunSpec) -> RunResult:
         records: list[Record] = []
         window = _Window(t0, spec)
         result = RunResult(np.empty(0))
+        retry = Retrier(spec.retries, seed=spec.seed)
         if spec.level.concurrency:
-            await _closed_loop(spec, channels, window, records)
+            await _closed_loop(spec, channels, window, records, retry)
         else:
-            await _open_loop(spec, channels, window, records, result)
+            await _open_loop(spec, channels, window, records, result, retry)
         result.cpu_s = time.process_time() - cpu
     finally:
         for channel in channels:
@@ -176,9 +194,9 @@ async def _run(spec: RunSpec) -> RunResult:
 
 
 async def _closed_loop(
-    spec: RunSpec, channels: list[grpc.aio.Channel], window: _Window, records: list[Record]
+    spec: RunSpec, channels: list[grpc.aio.Channel], window: _Window, records: list[Record], retry: Retrier
 ) -> None:
-    wl, md = spec.workload, spec.connection.metadata()
+    wl = spec.workload
     pick = itertools.count(spec.seed * 7919)
     if wl.stream:
         calls = [c.stream_stream(wl.method) for c in channels]
@@ -187,49 +205,70 @@ async def _closed_loop(
         calls = [c.unary_unary(wl.method) for c in channels]
         worker = _closed_unary
     tasks = [
-        asyncio.create_task(
-            worker(calls[w % len(calls)], wl.requests, window, pick, records.append, md, spec)
-        )
+        asyncio.create_task(worker(calls[w % len(calls)], window, pick, records.append, spec, retry))
         for w in range(spec.level.concurrency)
     ]
     await _finish(tasks, window, spec)
 
 
-async def _closed_unary(call, requests, window, pick, record: Callable, md, spec: RunSpec) -> None:
-    n, timeout = len(requests), spec.timeout_s
+async def _closed_unary(call, window, pick, record: Callable, spec: RunSpec, retry: Retrier) -> None:
+    requests, md = spec.workload.requests, spec.connection.metadata()
+    n = len(requests)
     while window.may_send(t0 := time.perf_counter()):
         i = next(pick) % n
-        try:
-            reply, status = await call(requests[i], timeout=timeout, metadata=md), "OK"
-        except grpc.aio.AioRpcError as error:
-            reply, status = None, error.code().name
-        except asyncio.CancelledError:  # still unanswered long after the window: count it, then stop
-            record((t0, time.perf_counter(), i, "CANCELLED", None))
-            raise
-        record((t0, time.perf_counter(), i, status, reply))
+        await _unary_request(call, requests[i], t0, i, record, md, spec.timeout_s, retry)
 
 
-async def _closed_stream(call, requests, window, pick, record: Callable, md, spec: RunSpec) -> None:
+async def _unary_request(
+    call, request: bytes, due: float, i: int, record: Callable, md, timeout_s: float, retry: Retrier
+) -> None:
+    """One request: its attempts, each recorded, within one deadline counted from the first send."""
+    attempt, deadline = 0, time.perf_counter() + timeout_s
+    try:
+        while True:
+            try:
+                reply, status = await call(request, timeout=deadline - time.perf_counter(), metadata=md), "OK"
+            except grpc.aio.AioRpcError as error:
+                reply, status = None, error.code().name
+            delay = retry.after(status, attempt, deadline - time.perf_counter())
+            record((due, time.perf_counter(), i, status, reply, attempt, delay is None))
+            if delay is None:
+                return
+            attempt += 1
+            await asyncio.sleep(delay)
+    except asyncio.CancelledError:  # still unanswered long after the window: count it, then stop
+        record((due, time.perf_counter(), i, "CANCELLED", None, attempt, True))
+        raise
+
+
+async def _closed_stream(call, window, pick, record: Callable, spec: RunSpec, retry: Retrier) -> None:
+    requests, md = spec.workload.requests, spec.connection.metadata()
     n, stream = len(requests), None
     while window.may_send(t0 := time.perf_counter()):
-        i = next(pick) % n
-        try:
-            stream = stream or call(metadata=md)
-            await stream.write(requests[i])
-            reply = await stream.read()
-            if reply is grpc.aio.EOF:
-                reply, status, stream = None, "STREAM_CLOSED", None
-            else:
-                status = "OK"
-        except grpc.aio.AioRpcError as error:
-            reply, status = None, error.code().name
-            if stream is not None:
-                stream.cancel()
-            stream = None  # the next request opens a new stream
-        except asyncio.CancelledError:
-            record((t0, time.perf_counter(), i, "CANCELLED", None))
-            raise
-        record((t0, time.perf_counter(), i, status, reply))
+        i, attempt = next(pick) % n, 0
+        while True:
+            try:
+                stream = stream or call(metadata=md)
+                await stream.write(requests[i])
+                reply = await stream.read()
+                if reply is grpc.aio.EOF:
+                    reply, status, stream = None, STREAM_CLOSED, None
+                else:
+                    status = "OK"
+            except grpc.aio.AioRpcError as error:
+                reply, status = None, error.code().name
+                if stream is not None:
+                    stream.cancel()
+                stream = None  # the next attempt opens a new stream
+            except asyncio.CancelledError:
+                record((t0, time.perf_counter(), i, "CANCELLED", None, attempt, True))
+                raise
+            delay = retry.after(status, attempt)
+            record((t0, time.perf_counter(), i, status, reply, attempt, delay is None))
+            if delay is None:
+                break
+            attempt += 1
+            await asyncio.sleep(delay)
     if stream is not None:
         await stream.done_writing()
 
@@ -261,15 +300,19 @@ def schedule(level: Level, seconds: float, seed: int, phase: float = 0.0) -> np.
 
 
 async def _open_loop(
-    spec: RunSpec, channels: list[grpc.aio.Channel], window: _Window, records: list[Record], result: RunResult
+    spec: RunSpec,
+    channels: list[grpc.aio.Channel],
+    window: _Window,
+    records: list[Record],
+    result: RunResult,
+    retry: Retrier,
 ) -> None:
     level, wl = spec.level, spec.workload
     measured_s = spec.max_requests / level.rate if spec.max_requests else spec.duration_s
     offsets = schedule(level, spec.warmup_s + measured_s, spec.seed, spec.phase)
     window.end = window.begin + measured_s
-    sender = (
-        _StreamSender(wl, channels, spec, records) if wl.stream else _UnarySender(wl, channels, spec, records)
-    )
+    kind = _StreamSender if wl.stream else _UnarySender
+    sender = kind(wl, channels, spec, records, retry)
     n, lags = len(wl.requests), []
     t0 = window.begin - spec.warmup_s
     for k, offset in enumerate(offsets):
@@ -292,12 +335,14 @@ async def _open_loop(
 
 
 class _UnarySender:
-    """Open loop, unary: one task per request, latency from its scheduled send time."""
+    """Open loop, unary: one task per request (its attempts included), latency from its scheduled time."""
 
-    def __init__(self, wl: Workload, channels: list[grpc.aio.Channel], spec: RunSpec, records: list[Record]):
+    def __init__(
+        self, wl: Workload, channels: list[grpc.aio.Channel], spec: RunSpec, records: list[Record], retry
+    ) -> None:
         self.calls = [c.unary_unary(wl.method) for c in channels]
         self.requests, self.md, self.timeout = wl.requests, spec.connection.metadata(), spec.timeout_s
-        self.record, self.tasks, self.sent = records.append, set(), 0
+        self.record, self.retry, self.tasks, self.sent = records.append, retry, set(), 0
 
     @property
     def outstanding(self) -> int:
@@ -306,19 +351,11 @@ class _UnarySender:
     def send(self, due: float, i: int) -> None:
         call = self.calls[self.sent % len(self.calls)]
         self.sent += 1
-        task = asyncio.create_task(self._one(call, due, i))
+        task = asyncio.create_task(
+            _unary_request(call, self.requests[i], due, i, self.record, self.md, self.timeout, self.retry)
+        )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-    async def _one(self, call, due: float, i: int) -> None:
-        try:
-            reply, status = await call(self.requests[i], timeout=self.timeout, metadata=self.md), "OK"
-        except grpc.aio.AioRpcError as error:
-            reply, status = None, error.code().name
-        except asyncio.CancelledError:
-            self.record((due, time.perf_counter(), i, "CANCELLED", None))
-            raise
-        self.record((due, time.perf_counter(), i, status, reply))
 
     async def drain(self, timeout_s: float) -> None:
         if self.tasks:
@@ -331,18 +368,20 @@ class _StreamSender:
     """Open loop, streaming: requests go round-robin over a few streams. A stream answers in order, so
     its reader matches replies to the queue of scheduled times (reply ids are checked afterwards)."""
 
-    def __init__(self, wl: Workload, channels: list[grpc.aio.Channel], spec: RunSpec, records: list[Record]):
+    def __init__(
+        self, wl: Workload, channels: list[grpc.aio.Channel], spec: RunSpec, records: list[Record], retry
+    ) -> None:
         calls = [c.stream_stream(wl.method) for c in channels]
         md = spec.connection.metadata()
         self.lanes = [
-            _StreamLane(calls[s % len(calls)], md, wl.requests, records.append)
+            _StreamLane(calls[s % len(calls)], md, wl.requests, records.append, retry)
             for s in range(spec.level.streams)
         ]
         self.sent = 0
 
     @property
     def outstanding(self) -> int:
-        return sum(len(lane.pending) for lane in self.lanes)
+        return sum(len(lane.pending) + len(lane.waiting) for lane in self.lanes)
 
     def send(self, due: float, i: int) -> None:
         self.lanes[self.sent % len(self.lanes)].send(due, i)
@@ -356,24 +395,30 @@ class _StreamSender:
 
 
 class _StreamLane:
-    """One stream: a writer task feeding it in order (grpc.aio allows one write at a time) and a reader."""
+    """One stream: a writer task feeding it in order (grpc.aio allows one write at a time) and a reader.
+    When the stream breaks, the requests it had not answered are resent on a new one (with retries)."""
 
-    def __init__(self, call, md, requests: tuple[bytes, ...], record: Callable) -> None:
-        self.call, self.md, self.requests, self.record = call, md, requests, record
-        self.pending: deque[tuple[float, int]] = deque()
+    def __init__(self, call, md, requests: tuple[bytes, ...], record: Callable, retry: Retrier) -> None:
+        self.call, self.md, self.requests, self.record, self.retry = call, md, requests, record, retry
+        self.pending: deque[tuple[float, int, int]] = deque()  # (due, request index, attempt) in order
+        self.waiting: dict[tuple[float, int], tuple[asyncio.TimerHandle, int]] = {}  # resends in back-off
         self.queue: asyncio.Queue[int] = asyncio.Queue()
         self.tasks: list[asyncio.Task] = []
         self.stream = None
 
-    def send(self, due: float, i: int) -> None:
+    def send(self, due: float, i: int, attempt: int = 0) -> None:
         if self.stream is None:  # first use, or the last stream broke
             self.stream, self.queue = self.call(metadata=self.md), asyncio.Queue()
             self.tasks += [
                 asyncio.create_task(self._write(self.stream, self.queue)),
                 asyncio.create_task(self._read(self.stream)),
             ]
-        self.pending.append((due, i))
+        self.pending.append((due, i, attempt))
         self.queue.put_nowait(i)
+
+    def _resend(self, due: float, i: int, attempt: int) -> None:
+        del self.waiting[(due, i)]
+        self.send(due, i, attempt)
 
     async def _write(self, stream, queue: asyncio.Queue) -> None:
         try:
@@ -383,19 +428,24 @@ class _StreamLane:
             pass  # the reader sees the broken stream and fails what is pending
 
     async def _read(self, stream) -> None:
-        status = "STREAM_CLOSED"
+        status = STREAM_CLOSED
         try:
             while (reply := await stream.read()) is not grpc.aio.EOF:
-                due, i = self.pending.popleft()
-                self.record((due, time.perf_counter(), i, "OK", reply))
+                due, i, attempt = self.pending.popleft()
+                self.retry.after("OK", attempt)
+                self.record((due, time.perf_counter(), i, "OK", reply, attempt, True))
         except grpc.aio.AioRpcError as error:
             status = error.code().name
         if self.stream is stream:
             self.stream = None
-            now = time.perf_counter()
+            now, loop = time.perf_counter(), asyncio.get_running_loop()
             while self.pending:
-                due, i = self.pending.popleft()
-                self.record((due, now, i, status, None))
+                due, i, attempt = self.pending.popleft()
+                delay = self.retry.after(status, attempt)
+                self.record((due, now, i, status, None, attempt, delay is None))
+                if delay is not None:
+                    handle = loop.call_later(delay, self._resend, due, i, attempt + 1)
+                    self.waiting[(due, i)] = (handle, attempt + 1)
 
     async def close(self) -> None:
         stream, self.stream = self.stream, None
@@ -405,33 +455,47 @@ class _StreamLane:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         now = time.perf_counter()
+        for (due, i), (handle, attempt) in self.waiting.items():
+            handle.cancel()  # a resend still in its back-off is never sent: its request ends here
+            self.record((due, now, i, "CANCELLED", None, attempt, True))
+        self.waiting.clear()
         while self.pending:
-            due, i = self.pending.popleft()
-            self.record((due, now, i, "CANCELLED", None))
+            due, i, attempt = self.pending.popleft()
+            self.record((due, now, i, "CANCELLED", None, attempt, True))
 
 
 def _tally(spec: RunSpec, window: _Window, records: list[Record], result: RunResult) -> RunResult:
-    """Check every reply of the measured window and collect latencies of the valid ones."""
+    """Check every reply, count every attempt, and collect the latencies of the measured window's valid
+    replies."""
     wl, latencies, last_done = spec.workload, [], window.begin
     result.sent = len(records)
-    for due, done, i, status, reply in records:
-        if due < window.begin or due >= window.end:
+    outcomes = []  # (done, ok) of the measured requests
+    for due, done, i, status, reply, _attempt, final in records:
+        measured = window.begin <= due < window.end
+        answered = status  # what the server answered, as its own metrics count it
+        if status == "OK" and (measured or wl.stream):  # in-band stream errors count for the server too
+            try:
+                probabilities, reply_id = decode(wl.api, wl.stream, reply) if spec.check else (None, "")
+                if reply_id and reply_id != str(i):
+                    raise BadResponse("WRONG_REPLY_ID")
+                if spec.check and measured:
+                    result.correct += check(probabilities, wl.labels[i])
+            except InBandError as error:  # the server answered this request of the stream with an error
+                status = answered = error.args[0]
+            except BadResponse as bad:  # the server answered OK, but not with a valid answer
+                status = bad.args[0]
+        result.all_attempts[answered] += 1
+        if not measured:
             continue
-        if status == "OK":
-            if spec.check:
-                try:
-                    labels = wl.labels[i]
-                    probabilities, reply_id = decode(wl.api, wl.stream, reply)
-                    if reply_id and reply_id != str(i):
-                        raise BadResponse("WRONG_REPLY_ID")
-                    result.correct += check(probabilities, labels)
-                except BadResponse as bad:
-                    status = bad.args[0]
-            if status == "OK":
-                result.images += len(wl.labels[i])
-                latencies.append(done - due)
-                last_done = max(last_done, done)
+        result.attempts[status] += 1
+        if not final:
+            continue
         result.status[status] += 1
+        outcomes.append((done, status == "OK"))
+        if status == "OK":
+            result.images += len(wl.labels[i])
+            latencies.append(done - due)
+            last_done = max(last_done, done)
     result.latency_s = np.asarray(latencies, dtype=np.float64)
     if spec.max_requests and spec.level.concurrency:
         result.window_s = max(last_done - window.begin, 1e-9)
@@ -439,4 +503,14 @@ def _tally(spec: RunSpec, window: _Window, records: list[Record], result: RunRes
         result.window_s = window.end - window.begin
     else:  # open loop: a server that falls behind answers the window's requests later, at a lower rate
         result.window_s = max(window.end, last_done) - window.begin
+    _liveness(result, outcomes, window.begin)
     return result
+
+
+def _liveness(result: RunResult, outcomes: list[tuple[float, bool]], begin: float) -> None:
+    """When the last request succeeded, and since when nothing has (see RunResult)."""
+    outcomes.sort()
+    ok_times = [done for done, ok in outcomes if ok]
+    result.answered_until_s = ok_times[-1] - begin if ok_times else None
+    after = [done for done, ok in outcomes if not ok and (not ok_times or done > ok_times[-1])]
+    result.failing_since_s = after[0] - begin if after else None

@@ -5,7 +5,7 @@ the histogram sums and counts gives the means over exactly that window (warm-up 
 """
 
 import urllib.request
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import psutil
@@ -13,6 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 Sample = dict[str, float]  # sample name, with {status} for request counters -> value summed over replicas
 CPU = "server_cpu_seconds"
+REQUESTS = "mnist_requests_total{"  # the request counter, by status: mnist_requests_total{OK}
+# What reading a server that went away (or a URL that is no metrics page) raises.
+SCRAPE_ERRORS = (OSError, ValueError, psutil.Error)
 
 
 def scrape(urls: list[str], model: str, pid: int | None = None, timeout_s: float = 5.0) -> Sample:
@@ -43,6 +46,15 @@ def scrape(urls: list[str], model: str, pid: int | None = None, timeout_s: float
     return dict(totals)
 
 
+def requests_by_status(before: Sample, after: Sample) -> Counter:
+    """The requests the server counted between two samples, by status (gRPC code name)."""
+    counts = Counter()
+    for name, value in after.items():
+        if name.startswith(REQUESTS) and (n := round(value - before.get(name, 0.0))):
+            counts[name[len(REQUESTS) : -1]] = n
+    return counts
+
+
 @dataclass(frozen=True)
 class ServerSplit:
     requests: int  # requests the server answered in the window (all APIs and statuses)
@@ -63,9 +75,8 @@ class ServerSplit:
             count = delta(f"{prefix}_count")
             return scale * delta(f"{prefix}_sum") / count if count else float("nan")
 
-        requests = sum(delta(k) for k in after if k.startswith("mnist_requests_total{"))
         return ServerSplit(
-            requests=int(requests),
+            requests=requests_by_status(before, after).total(),
             mean_request_ms=mean("mnist_request_latency_seconds", 1e3),
             mean_queue_ms=mean("mnist_queue_latency_seconds", 1e3),
             mean_compute_ms=mean("mnist_compute_latency_seconds", 1e3),

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,9 @@ from serving.channels import open_channel
 
 class SpawnError(Exception):
     """The server did not come up; the message quotes the end of its log."""
+
+
+RELAYED = ("level=WARNING", "level=ERROR", "level=CRITICAL", "error:")  # log lines worth saying at once
 
 
 def free_port() -> int:
@@ -62,13 +66,19 @@ class Spawned:
     def metrics_url(self) -> str | None:
         return f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else None
 
-    def wait_serving(self, connection: Connection, timeout_s: float = 120.0) -> None:
-        """Block until grpc.health.v1 says SERVING (models loaded and warm)."""
+    def wait_serving(
+        self, connection: Connection, timeout_s: float = 120.0, say: Callable[[str], None] | None = None
+    ) -> None:
+        """Block until grpc.health.v1 says SERVING (models loaded and warm). What the server logs as a
+        warning or an error meanwhile is passed to `say` at once (e.g. that it has no model to serve)."""
         deadline = time.monotonic() + timeout_s
         channel = _sync_channel(connection, self.target)
         stub = health_pb2_grpc.HealthStub(channel)
+        read = 0  # how far the log has been relayed
         try:
             while time.monotonic() < deadline:
+                if say is not None:
+                    read = self._relay(read, say)
                 if self.process.poll() is not None:
                     raise SpawnError(f"server exited with code {self.process.returncode}: {self.log_tail()}")
                 try:
@@ -84,6 +94,20 @@ class Spawned:
             channel.close()
         self.stop()
         raise SpawnError(f"server not SERVING after {timeout_s:.0f} s: {self.log_tail()}")
+
+    def _relay(self, offset: int, say: Callable[[str], None]) -> int:
+        """Pass the log's complete new warning and error lines to `say`; returns the new offset."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                text = log.read()
+        except OSError:
+            return offset
+        complete = text[: text.rfind(b"\n") + 1]
+        for line in complete.decode(errors="replace").splitlines():
+            if any(level in line for level in RELAYED):
+                say(line.strip())
+        return offset + len(complete)
 
     def stop(self, grace_s: float = 15.0) -> int:
         """SIGTERM, wait for the graceful shutdown, SIGKILL if it hangs; returns the exit code."""
@@ -105,6 +129,16 @@ class Spawned:
 
     def __str__(self) -> str:
         return shlex.join(self.command)
+
+
+def exit_status(code: int) -> str:
+    """'exited with code 2', or 'was killed by SIGKILL' for a process a signal ended."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
 
 
 def _sync_channel(connection: Connection, target: str) -> grpc.Channel:
