@@ -367,7 +367,7 @@ def check_cpu_image(image: str, repo: Path) -> None:
     mnist_serve = Path(sys.executable).with_name("mnist-serve")  # this environment's, on this machine
     host = subprocess.Popen(
         [mnist_serve, "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port), "--metrics-port=-1",
-         "--workers=1", "--log-level=WARNING"],
+         "--http-port=0", "--workers=1", "--log-level=WARNING"],
     )  # fmt: skip
     try:
         wait_serving(f"127.0.0.1:{port}", "mnist-serve on this machine")

@@ -72,7 +72,7 @@ class ClassifierServicer(classify_pb2_grpc.ClassifierServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         return await self.handling.unary(
-            context, request.model, request.version, self._classify(request, deadline_of(context))
+            context, request.model, request.version, self.classify(request, deadline_of(context))
         )
 
     async def ClassifyStream(
@@ -82,7 +82,7 @@ class ClassifierServicer(classify_pb2_grpc.ClassifierServicer):
 
         async def answer(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
             # A bad request gets `error` and the stream goes on.
-            work = self._classify(request, deadline)
+            work = self.classify(request, deadline)
             outcome = await self.handling.run(request.model, request.version, work)
             if isinstance(outcome, RequestError):
                 return pb.ClassifyStreamResponse(
@@ -93,7 +93,8 @@ class ClassifierServicer(classify_pb2_grpc.ClassifierServicer):
         async for response in pipelined(requests, answer, self.streams):
             yield response
 
-    async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+    async def classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        """One classification, whichever front end received it (gRPC here, HTTP in serving.http)."""
         start = time.perf_counter_ns()
         loaded = self.repository.get(request.model, request.version)
         n = len(request.images)

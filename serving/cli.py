@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mnist-serve",
         description="Serve the ONNX models of a Triton-layout repository over gRPC: the KServe v2 / Open "
-        "Inference Protocol (package inference) and the mnist.v1.Classifier image API, dynamically batched.",
+        "Inference Protocol (package inference) and the mnist.v1.Classifier image API, dynamically batched; "
+        "and over HTTP: the protocol's REST binding, /v1/models/NAME/classify for image files, and a page "
+        "to draw digits on at /.",
         formatter_class=HelpFormatter,
     )
     add_flags(p, ServerConfig)

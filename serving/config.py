@@ -75,6 +75,40 @@ class RuntimeOptions:
 
 
 @dataclass(frozen=True)
+class HttpOptions:
+    """The HTTP/REST front end (serving.http). Its listen address, TLS, token and size limits are the gRPC
+    ones: one server, two front ends."""
+
+    http_port: int = field(
+        default=8000,
+        metadata=flag(
+            "HTTP/REST port: the Open Inference Protocol's REST binding, /v1 classify and the drawing page "
+            "at / (0 = any free port, -1 = off)"
+        ),
+    )
+    http_read_timeout_seconds: float = field(
+        default=30.0,
+        metadata=flag(
+            "seconds an HTTP client may take to send one request body; a slower one gets 408 and its "
+            "connection is closed",
+            name="--http-read-timeout",
+            metavar="SECONDS",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        c = type(self)
+        port = self.http_port
+        require(within(port, -1, MAX_PORT), c, "http_port", f"within -1..{MAX_PORT}", port)
+        require(within(self.http_read_timeout_seconds, 0.1, 3600), c, "http_read_timeout_seconds",
+                "within 0.1..3600", self.http_read_timeout_seconds)  # fmt: skip
+
+    @property
+    def enabled(self) -> bool:
+        return self.http_port >= 0
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     repo: Path = field(default=Path("models"), metadata=flag("model repository directory (Triton layout)"))
     host: str = field(default="0.0.0.0", metadata=flag("gRPC listen address"))
@@ -90,6 +124,7 @@ class ServerConfig:
             metavar="N",
         ),
     )
+    http: HttpOptions = field(default_factory=HttpOptions)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     max_batch_size: int | None = field(
         default=None, metadata=flag("images per ONNX Runtime run (default: config.pbtxt's max_batch_size)")

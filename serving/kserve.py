@@ -147,7 +147,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         return await self.handling.unary(
-            context, request.model_name, request.model_version, self._infer(request, deadline_of(context))
+            context, request.model_name, request.model_version, self.infer(request, deadline_of(context))
         )
 
     async def ModelStreamInfer(
@@ -158,7 +158,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             # A bad request gets error_message and the stream goes on.
             outcome = await self.handling.run(
-                request.model_name, request.model_version, self._infer(request, deadline)
+                request.model_name, request.model_version, self.infer(request, deadline)
             )
             if isinstance(outcome, RequestError):
                 return pb.ModelStreamInferResponse(
@@ -196,7 +196,8 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             return reject(context, e)
         return pb.RepositoryModelUnloadResponse()
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        """One inference, whichever front end received it (gRPC here, HTTP in serving.http)."""
         start = time.perf_counter_ns()
         loaded = self.repository.get(request.model_name, request.model_version)
         for output in request.outputs:

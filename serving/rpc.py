@@ -30,10 +30,14 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class Handling:
-    """The bookkeeping around each request of one API (`api` labels the metrics)."""
+    """The bookkeeping around each request of one API (`api` labels the metrics) arriving over one
+    protocol (`protocol`: grpc, or http for the REST front end in serving.http)."""
 
-    def __init__(self, api: str, metrics: Metrics, repository: ModelRepository) -> None:
+    def __init__(
+        self, api: str, metrics: Metrics, repository: ModelRepository, protocol: str = "grpc"
+    ) -> None:
         self.api = api
+        self.protocol = protocol
         self.metrics = metrics
         self.repository = repository
         # Requests this API began and answered (OK or an error status): the log of a shutdown states both,
@@ -66,7 +70,8 @@ class Handling:
         seconds = time.perf_counter() - start
         status = outcome.code.name if isinstance(outcome, RequestError) else "OK"
         known = self.repository.known(model)
-        self.metrics.request_done(model if known else "unknown", self.api, status, seconds)  # bounded labels
+        model_label = model if known else "unknown"  # bounded labels
+        self.metrics.request_done(model_label, self.api, status, seconds, self.protocol)
         if isinstance(outcome, RequestError) and known:
             loaded = self.repository.find(model, version)
             if loaded is not None:

@@ -1,4 +1,5 @@
-"""One server process: the gRPC server (both APIs, health, reflection), its metrics, polling and shutdown.
+"""One server process: the gRPC server (both APIs, health, reflection), the HTTP/REST front end beside it
+(serving.http), its metrics, polling and shutdown.
 `mnist-serve` (serving.cli) runs one of these, or with --workers N a supervisor (serving.supervisor) that
 runs N of them side by side, each a worker joined to it by a link (serving.control).
 
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from serving.classify import ClassifierServicer
 from serving.config import ServerConfig
 from serving.control import Listening, LocalControl, WorkerControl
+from serving.http.frontend import HttpFrontEnd
 from serving.kserve import KServeServicer
 from serving.metrics import Metrics
 from serving.process import check_port, every, on_stop_signals, serve_metrics, startup_problem, stop_http
@@ -54,11 +56,13 @@ class Server:
         self.streams = StreamReaders()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._link = link
         self._control: LocalControl | WorkerControl | None = None
         self._grpc: grpc.aio.Server | None = None
         self._handlings: tuple[Handling, ...] = ()
         self._metrics_http = None
+        self._http: HttpFrontEnd | None = None
         self._poller: asyncio.Task | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -99,21 +103,30 @@ class Server:
     # -- front ends: each starts accepting requests here and stops in _close_front_ends --------------------
     async def _open_front_ends(self, reuse_port: bool) -> None:
         c = self.config
-        if not reuse_port and c.port:
-            check_port(c.host, c.port)  # a clean error, before gRPC core logs its own about a taken port
+        if not reuse_port:  # clean errors, before gRPC core logs its own about a taken port
+            for port in (c.port, c.http.http_port if c.http.enabled else 0):
+                if port:
+                    check_port(c.host, port)
         self._listen(reuse_port)
         await self._grpc.start()
+        if c.http.enabled:
+            # The HTTP/REST front end (serving.http): same repository, control, limits and metrics as gRPC.
+            self._http = HttpFrontEnd(c, self.repository, self._control, self.metrics, self.provider)
+            self.http_port = await self._http.start(reuse_port)
+            self._handlings += self._http.handlings
 
     async def _close_front_ends(self) -> None:
-        if self._grpc is None:
-            return
-        began = time.monotonic()
-        await self._grpc.stop(self.config.grace_seconds)
-        if time.monotonic() - began >= self.config.grace_seconds:
-            # gRPC cancels what it still holds. A call that gRPC core received but never handed to the
-            # servicers (rare, under load) also holds the grace period: its client gets UNAVAILABLE.
-            unanswered = sum(h.started - h.answered for h in self._handlings)
-            log.warning("event=grace_expired unanswered_requests=%d", unanswered)
+        http_stopped = asyncio.ensure_future(self._http.stop()) if self._http else None  # beside gRPC's
+        if self._grpc is not None:
+            began = time.monotonic()
+            await self._grpc.stop(self.config.grace_seconds)
+            if time.monotonic() - began >= self.config.grace_seconds:
+                # gRPC cancels what it still holds. A call that gRPC core received but never handed to the
+                # servicers (rare, under load) also holds the grace period: its client gets UNAVAILABLE.
+                unanswered = sum(h.started - h.answered for h in self._handlings)
+                log.warning("event=grace_expired unanswered_requests=%d", unanswered)
+        if http_stopped is not None:
+            await http_stopped
 
     def _listen(self, reuse_port: bool) -> None:
         c = self.config
@@ -174,8 +187,9 @@ class Server:
         else:  # a worker's figures are on the supervisor's endpoint
             metrics = "supervisor" if self._link is not None else "off"
         log.info(
-            "event=listening address=%s:%d tls=%s auth=%s metrics=%s provider=%s",
-            c.host, self.port, c.tls, "token" if c.auth_token_file else "off", metrics, self.provider,
+            "event=listening address=%s:%d http=%s tls=%s auth=%s metrics=%s provider=%s",
+            c.host, self.port, f"{c.host}:{self.http_port}" if self._http else "off", c.tls,
+            "token" if c.auth_token_file else "off", metrics, self.provider,
         )  # fmt: skip
 
     async def stop(self) -> None:

@@ -7,10 +7,10 @@ address with SO_REUSEPORT; the kernel hands each new TCP connection to one of th
 their load by opening several connections (docs/serving.md).
 
 The supervisor:
-- reserves the port (refusing one that another program listens on; the TIME_WAIT connections a stopped
-  server leaves do not count), starts the workers with the `spawn` method (never fork after gRPC, ONNX
-  Runtime or CUDA are initialised) and reports ready once every worker serves; a start-up error is one
-  line and exit status 2;
+- reserves the ports, gRPC's and HTTP's (refusing one that another program listens on; the TIME_WAIT
+  connections a stopped server leaves do not count), starts the workers with the `spawn` method (never
+  fork after gRPC, ONNX Runtime or CUDA are initialised) and reports ready once every worker serves; a
+  start-up error is one line and exit status 2;
 - owns the repository state: it lists the repository once for every change (start-up, --poll, and
   RepositoryModelLoad/Unload received by any worker) and makes the change in two phases (serving.control):
   committed only if every live worker prepared the same state, otherwise aborted in every worker;
@@ -266,8 +266,11 @@ class Supervisor:
             with metrics_directory() as self._metrics_dir:
                 os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir  # the spawned workers inherit it
                 self._httpd = self._serve_metrics()
-                port = reservations["grpc"].getsockname()[1]
-                self._worker_config = replace(c, port=port, metrics_port=-1, workers=1, poll_seconds=None)
+                ports = {end: reservation.getsockname()[1] for end, reservation in reservations.items()}
+                http = replace(c.http, http_port=ports.get("http", -1))
+                self._worker_config = replace(
+                    c, port=ports["grpc"], http=http, metrics_port=-1, workers=1, poll_seconds=None
+                )
                 for index in range(self.count):
                     self._start_worker(index)
                 try:
@@ -290,8 +293,16 @@ class Supervisor:
 
     def _reserve_ports(self) -> dict[str, socket.socket]:
         """The ports every worker listens on, kept while the supervisor runs: {front end: reservation}. A
-        second front end reserves its own port here the same way."""
-        return {"grpc": reserve_port(self.config.host, self.config.port)}
+        port another program listens on is one start-up error line, with nothing reserved."""
+        c = self.config
+        reservations = {"grpc": reserve_port(c.host, c.port)}
+        if c.http.enabled:  # the HTTP/REST front end (serving.http), shared by the workers like gRPC's
+            try:
+                reservations["http"] = reserve_port(c.host, c.http.http_port)
+            except OSError:
+                reservations["grpc"].close()
+                raise
+        return reservations
 
     def _serve_metrics(self):
         c = self.config
@@ -309,9 +320,13 @@ class Supervisor:
             return
         self._announced = True
         c = self.config
-        port = self._worker_config.port
+        port, http_port = self._worker_config.port, self._worker_config.http.http_port
+        http = f"{c.host}:{http_port}" if c.http.enabled else "off"
         metrics = f"{c.metrics_host}:{self._httpd.server_port}" if self._httpd else "off"
-        log.info("event=ready workers=%d address=%s:%d metrics=%s", self.count, c.host, port, metrics)
+        log.info(
+            "event=ready workers=%d address=%s:%d http=%s metrics=%s",
+            self.count, c.host, port, http, metrics,
+        )  # fmt: skip
 
     # -- workers ----------------------------------------------------------------------------------------
     def _start_worker(self, index: int) -> None:

@@ -47,6 +47,8 @@ def replicas(trained_repo, tmp_path):
                 str(port),
                 "--metrics-port",
                 str(free_port()),
+                "--http-port",
+                "0",
                 "--workers",
                 "1",
                 "--device",

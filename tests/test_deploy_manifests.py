@@ -245,6 +245,10 @@ def server_contract_problems(target: dict) -> list[str]:
         for p in grpc_ports
         if p["containerPort"] != config.port
     ]
+    if "http" in ports and ports["http"]["containerPort"] != config.http.http_port:
+        problems.append(
+            f"container port http: {ports['http']['containerPort']}, not --http-port {config.http.http_port}"
+        )
     if "metrics" in ports and ports["metrics"]["containerPort"] != config.metrics_port:
         problems.append(
             f"container port metrics is {ports['metrics']['containerPort']}, not {config.metrics_port}"
@@ -618,14 +622,15 @@ def test_images_run_mnist_serve_from_the_locked_serving_install():
     entrypoint = image_entrypoint()
     assert entrypoint[0] == "mnist-serve"
     config = server_config(entrypoint[1:])
-    assert (config.repo, config.port, config.metrics_host, config.metrics_port) == (
-        Path("/mnt/models"), 8001, "0.0.0.0", 8002,
+    assert (config.repo, config.port, config.http.http_port, config.metrics_host, config.metrics_port) == (
+        Path("/mnt/models"), 8001, 8000, "0.0.0.0", 8002,
     )  # fmt: skip
 
     stages = build_stages()
     for stage in ("cpu", "cuda"):
         instructions = dict(stages[stage])  # the last of each kind
-        assert set(instructions["EXPOSE"].split()) == {str(config.port), str(config.metrics_port)}
+        exposed = {str(p) for p in (config.port, config.http.http_port, config.metrics_port)}
+        assert set(instructions["EXPOSE"].split()) == exposed
         user = instructions["USER"].split(":")
         assert all(part.isdigit() and int(part) > 0 for part in user), "numeric non-root user (runAsNonRoot)"
         assert instructions["STOPSIGNAL"] == "SIGTERM"
@@ -713,6 +718,7 @@ def _set_probe_service(service: str):
 POD_BREAKAGES = {
     "container port differs from --port": lambda c: c["ports"][0].update(containerPort=9001),
     "server listens elsewhere": _set_arg("--port", "9001"),
+    "HTTP listens elsewhere": _set_arg("--http-port", "9000"),
     "metrics only on loopback": _set_arg("--metrics-host", "127.0.0.1"),
     "grace longer than the termination period": _set_arg("--grace", "40"),
     "an option the server does not have": lambda c: c["args"].append("--no-such-option"),
@@ -743,7 +749,7 @@ CLUSTER_BREAKAGES = {
     ].update(name="mnist_requests"),
     "Service targets a port the pod lacks": lambda d: one(d, "Service", "mnist-serve")["spec"]["ports"][
         0
-    ].update(targetPort="http"),
+    ].update(targetPort="rest"),
     "headless Service on another port": lambda d: one(d, "Service", "mnist-serve-headless")["spec"]["ports"][
         0
     ].update(port=80),

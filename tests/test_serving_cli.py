@@ -71,6 +71,7 @@ VALUES = ("0", "-1", HUGE, "1e309", "nan", "seven")
 SERVE_ACCEPTS = {
     "--port": {"0"},
     "--metrics-port": {"0", "-1"},
+    "--http-port": {"0", "-1"},
     "--intra-op-threads": {"0"},
     "--inter-op-threads": {"0"},
     "--max-queue-delay-us": {"0"},
@@ -83,7 +84,8 @@ BENCH_ACCEPTS = {"--requests": {"0"}, "--warmup": {"0"}, "--seed": {"0"}, "--ret
 def test_every_numeric_flag_is_in_the_tables():
     assert set(numeric_flags(serve_parser())) >= set(SERVE_ACCEPTS)
     assert numeric_flags(serve_parser()) == [
-        "--batch-buckets", "--grace", "--inter-op-threads", "--intra-op-threads", "--max-batch-size",
+        "--batch-buckets", "--grace", "--http-port", "--http-read-timeout",
+        "--inter-op-threads", "--intra-op-threads", "--max-batch-size",
         "--max-concurrent-rpcs", "--max-connection-age", "--max-image-bytes", "--max-image-pixels",
         "--max-images-per-request", "--max-message-bytes", "--max-pending-rpcs", "--max-queue-delay-us",
         "--max-queue-images",

@@ -11,7 +11,7 @@ SERVING = Path(__file__).resolve().parents[1] / "serving"
 LAYERS = [
     {"contract", "errors", "commandline", "config", "eventloop", "security", "proto"},  # plain data, helpers
     {"statistics", "metrics", "buckets", "images", "runtime", "batcher", "repository"},  # models, batches
-    {"rpc", "kserve", "classify", "control"},  # the servicers, the supervisor-worker protocol
+    {"rpc", "kserve", "classify", "control", "http"},  # the servicers, the supervisor-worker protocol, HTTP
     {"process"},  # what every server process does alike
     {"server", "supervisor"},  # one server process; the supervisor of several
     {"cli"},  # mnist-serve: the composition root

@@ -175,7 +175,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(repo: Path, tmp_path
     log_path = tmp_path / "server.log"
     command = [str(Path(sys.executable).with_name("mnist-serve")), "--repo", str(repo), "--host", "127.0.0.1"]
     command += ["--port", "0", "--metrics-port", "0", "--max-queue-delay-us", "2000000", "--grace", "10"]
-    command += ["--workers", "1"]
+    command += ["--workers", "1", "--http-port", "0"]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -344,7 +344,7 @@ def test_a_server_starts_again_on_its_port_at_once_after_a_stop_under_load(
 ) -> None:
     port = free_port()
     args = ["--repo", str(trained_repo), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1"]
-    args += ["--device", "cpu", "--workers", "2"]
+    args += ["--http-port", "0", "--device", "cpu", "--workers", "2"]
 
     def launch(name: str) -> Spawned:
         served = Spawned([*serve_command(), *args], port, None, tmp_path / f"{name}.log")
@@ -417,7 +417,8 @@ def test_model_statistics_count_every_image_across_workers(trained_repo, tmp_pat
 )
 def test_start_up_errors_are_one_line_and_a_non_zero_exit(trained_repo, tmp_path, problem, workers) -> None:
     repo, port = tmp_path / "repo", free_port()
-    args = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1", "--workers", str(workers)]
+    args = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1", "--http-port", "0"]
+    args += ["--workers", str(workers)]
     if problem == "empty repository":
         repo.mkdir()
     elif problem == "only a corrupt model":

@@ -46,8 +46,8 @@ def _config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--serve-command",
         default=shlex.join(serve_command()),
-        help="--spawn runs this plus --repo/--host/--port/--metrics-port and the server args, e.g. "
-        "'taskset -c 1 mnist-serve' (default: mnist-serve of this environment)",
+        help="--spawn runs this plus --repo/--host/--port/--metrics-port/--http-port and the server args, "
+        "e.g. 'taskset -c 1 mnist-serve' (default: mnist-serve of this environment)",
     )
 
 

@@ -41,6 +41,7 @@ class Spawned:
 
     def __init__(self, command: list[str], port: int, metrics_port: int | None, log_path: Path) -> None:
         self.command, self.port, self.metrics_port, self.log_path = command, port, metrics_port, log_path
+        self.http_port: int | None = None  # mnist-serve's HTTP/REST port, where it has one
         self.target = f"127.0.0.1:{port}"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "wb") as log:
@@ -49,10 +50,12 @@ class Spawned:
     @classmethod
     def mnist_serve(cls, command: list[str], repo: Path, extra_args: list[str], log_path: Path) -> "Spawned":
         """`command` is mnist-serve, possibly behind a wrapper that execs it (taskset, env, nice)."""
-        port, metrics_port = free_port(), free_port()
+        port, metrics_port, http_port = free_port(), free_port(), free_port()
         command = [*command, "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port)]
-        command += ["--metrics-port", str(metrics_port), *extra_args]
-        return cls(command, port, metrics_port, log_path)
+        command += ["--metrics-port", str(metrics_port), "--http-port", str(http_port), *extra_args]
+        spawned = cls(command, port, metrics_port, log_path)
+        spawned.http_port = http_port
+        return spawned
 
     @classmethod
     def echo(cls, log_path: Path) -> "Spawned":
