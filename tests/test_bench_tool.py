@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 
 from serving.bench import report
 from serving.bench.apis import build_workload
-from serving.bench.cli import build_parser, parse_configs
+from serving.bench.cli import parse_args
 from serving.bench.loadgen import Connection, Level, RunResult, RunSpec, run, schedule
 from serving.bench.runner import split_spec
 from serving.bench.spawn import Spawned, serve_command
@@ -171,14 +171,14 @@ def test_load_is_shared_between_generator_processes(mnist):
 
 
 def test_compare_syntax():
-    parser = build_parser()
-    args = parser.parse_args(
+    _, (off, int8) = parse_args(
         ["--spawn", "--repo", "r", "--server-args", "--intra-op-threads 1",
          "--compare", "off:--max-batch-size 1", "int8:-- --model mnist-int8 --stream"]
     )  # fmt: skip
-    off, int8 = parse_configs(args, parser)
-    assert off.server_args == ("--intra-op-threads", "1", "--max-batch-size", "1") and off.model == "mnist"
-    assert int8.server_args == ("--intra-op-threads", "1") and int8.model == "mnist-int8" and int8.stream
+    assert off.server_args == ("--intra-op-threads", "1", "--max-batch-size", "1")
+    assert off.request.model == "mnist" and not off.request.stream
+    assert int8.server_args == ("--intra-op-threads", "1")
+    assert int8.request.model == "mnist-int8" and int8.request.stream
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:

@@ -45,14 +45,17 @@ class Connection:
     token: str | None = None
     max_message_bytes: int = 64 * 1024 * 1024
     connections: int = 1
+    tls: bool = False  # TLS without root_certificates trusts the system's CAs
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not (self.tls or self.root_certificates is not None):
+            return None
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
 
     def channel(self, target: str) -> grpc.aio.Channel:
-        credentials = None
-        if self.root_certificates is not None:
-            credentials = grpc.ssl_channel_credentials(
-                self.root_certificates, self.private_key, self.certificate_chain
-            )
-        return open_aio_channel(target, self.max_message_bytes, credentials, self.server_name, retries=False)
+        return open_aio_channel(
+            target, self.max_message_bytes, self.credentials(), self.server_name, retries=False
+        )
 
     def channels(self) -> list[grpc.aio.Channel]:
         return [self.channel(t) for t in self.targets for _ in range(self.connections)]

@@ -142,9 +142,5 @@ def exit_status(code: int) -> str:
 
 
 def _sync_channel(connection: Connection, target: str) -> grpc.Channel:
-    credentials = None
-    if connection.root_certificates is not None:
-        credentials = grpc.ssl_channel_credentials(
-            connection.root_certificates, connection.private_key, connection.certificate_chain
-        )
-    return open_channel(target, connection.max_message_bytes, credentials, connection.server_name)
+    c = connection
+    return open_channel(target, c.max_message_bytes, c.credentials(), c.server_name)
