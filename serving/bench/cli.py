@@ -5,14 +5,18 @@
         --metrics-url http://10.0.0.5:8002/metrics,http://10.0.0.6:8002/metrics
     mnist-bench --spawn --repo models --concurrency 64 \\
         --compare "batching=off:--max-batch-size 1" "batching=on:" "classify:-- --api classify"
+    mnist-bench --spawn --repo models --concurrency 1,32 --compare "grpc:" "http:-- --protocol http"
 
 --compare "LABEL:[SERVER ARGS][ -- BENCH ARGS]" runs one configuration per argument, each against its own
-freshly spawned server started with --server-args plus SERVER ARGS; BENCH ARGS may override --model,
---model-version, --api, --stream, --images-per-request and --serve-command for that configuration.
+freshly spawned server started with --server-args plus SERVER ARGS; BENCH ARGS may override the request
+options (--protocol, --model, --model-version, --api, --stream, --images-per-request, --http-tensors and
+--serve-command) for that configuration and, without --spawn, the running servers (--server, --http-server,
+--metrics-url), so that different servers are compared in one run.
 
 Every request is sent once, unless --retries says otherwise, and every attempt is counted: the figures
-are what the server did. Each level gives requests, attempts and failures by status beside the server's
-own count; a level that served nothing, or whose server died, is reported failed, and the run exits 1.
+are what the server did. Each level gives requests, attempts and failures by status (gRPC status names;
+over HTTP, HTTP_<status>) beside the server's own count; a level that served nothing, or whose server died,
+is reported failed, and the run exits 1.
 """
 
 import argparse
@@ -25,7 +29,7 @@ import numpy as np
 
 from serving.bench import session
 from serving.bench.baselines import newest_model
-from serving.bench.config import BenchConfig, RequestOptions
+from serving.bench.config import BenchConfig, RequestOptions, RunningServers
 from serving.bench.loadgen import Connection
 from serving.bench.session import Config
 from serving.client import ClientSecurity
@@ -71,7 +75,7 @@ def parse_configs(
 ) -> list[Config]:
     base = tuple(shlex.split(settings.target.server_args))
     if not compare:
-        return [Config("default", base, settings.request)]
+        return [Config("default", base, settings.request, settings.target.running)]
     configs = [_compare_config(settings, spec, base, parser) for spec in compare]
     if len({c.label for c in configs}) != len(configs):
         parser.error("--compare labels must be distinct")
@@ -93,14 +97,20 @@ def _compare_config(
         parser.error(f"--compare {label!r}: server options need --spawn")
     sub = argparse.ArgumentParser(prog="--compare", add_help=False, exit_on_error=False)
     add_flags(sub, RequestOptions, settings.request)
+    running = settings.target.running
+    if not settings.target.spawn:  # which running servers: a configuration may name others
+        add_flags(sub, RunningServers, running)
     try:
         own, unknown = sub.parse_known_args(bench_args)
         request = from_flags(RequestOptions, own)
+        if not settings.target.spawn:
+            running = from_flags(RunningServers, own)
+            running.targets(request.protocol)
     except (argparse.ArgumentError, ValueError) as e:
         parser.error(f"--compare {label!r}: {e}")
     if unknown:
         parser.error(f"--compare {label!r}: after '--' only the per-configuration options, got {unknown}")
-    return Config(label, base + tuple(server_args), request)
+    return Config(label, base + tuple(server_args), request, running)
 
 
 def connection(settings: BenchConfig) -> Connection:

@@ -6,6 +6,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving.bench import rest
 from serving.bench.apis import API_NAMES
 from serving.bench.loadgen import Level
 from serving.bench.spawn import serve_command
@@ -14,29 +15,63 @@ from serving.client import MAX_TIMEOUT_S, ClientSecurity
 from serving.commandline import flag, require, within
 
 DEFAULT_CONCURRENCY = (1, 8, 32, 64)
+PROTOCOLS = ("grpc", "http")
+
+
+@dataclass(frozen=True)
+class RunningServers:
+    """Servers already running: their gRPC and HTTP targets, and their metrics. A --compare configuration may
+    name others (after its '--'), to compare different servers in one run."""
+
+    server: str | None = field(
+        default=None,
+        metadata=flag(
+            "running server(s) over gRPC: HOST:PORT[,HOST:PORT...] (each its own target), or one gRPC target "
+            "such as dns:///NAME:PORT or ipv4:A:PORT,B:PORT (round-robin over its addresses)",
+            metavar="TARGET",
+        ),
+    )
+    http_server: str | None = field(
+        default=None,
+        metadata=flag(
+            "running server(s) over HTTP, for --protocol http: HOST:PORT[,HOST:PORT...] of their HTTP ports",
+            metavar="TARGET",
+        ),
+    )
+    metrics_url: str | None = field(
+        default=None,
+        metadata=flag(
+            "their Prometheus URL(s), comma-separated, for the server's own counts and the server-side split",
+            metavar="URL",
+        ),
+    )
+
+    @property
+    def given(self) -> bool:
+        return bool(self.server or self.http_server)
+
+    def targets(self, protocol: str) -> str:
+        """HOST:PORT[,...] of the servers for `protocol`; ValueError when there are none."""
+        targets, name = (
+            (self.http_server, "--http-server") if protocol == "http" else (self.server, "--server")
+        )
+        if not targets:
+            raise ValueError(f"--protocol {protocol} needs {name} HOST:PORT[,...] (or --spawn)")
+        return targets
 
 
 @dataclass(frozen=True)
 class TargetOptions:
     """Which server: running ones, or one spawned for each configuration."""
 
-    server: str | None = field(
-        default=None,
-        metadata=flag(
-            "running server(s): HOST:PORT[,HOST:PORT...] (each its own target), or one gRPC target such as "
-            "dns:///NAME:PORT or ipv4:A:PORT,B:PORT (round-robin over its addresses)",
-            metavar="TARGET",
-        ),
-    )
+    running: RunningServers = field(default_factory=RunningServers)
     connections: int = field(
         default=DEFAULT_CONNECTIONS,
         metadata=flag(
-            "channels per target in each generator process: a server's worker processes each get a share"
+            "connections per target in each generator process, requests round-robin over them, so that a "
+            "server's worker processes each get a share: gRPC channels; over HTTP keep-alive pools, each "
+            "opening another connection while its others are busy (HTTP/1.1 carries one request at a time)"
         ),
-    )
-    metrics_url: str | None = field(
-        default=None,
-        metadata=flag("their Prometheus URL(s), comma-separated, for the server-side split", metavar="URL"),
     )
     spawn: bool = field(
         default=False, metadata=flag("start mnist-serve on 127.0.0.1 for each configuration, then stop it")
@@ -61,6 +96,13 @@ class TargetOptions:
 class RequestOptions:
     """What each request is. A --compare configuration may override these (after its '--')."""
 
+    protocol: str = field(
+        default="grpc",
+        metadata=flag(
+            "gRPC, or HTTP: the Open Inference Protocol's REST binding (kserve) and /v1 classify (PNG files)",
+            choices=PROTOCOLS,
+        ),
+    )
     model: str = field(default="mnist", metadata=flag("model name", metavar="NAME"))
     model_version: str = field(
         default="", metadata=flag("model version (default: the newest)", metavar="VERSION")
@@ -68,6 +110,14 @@ class RequestOptions:
     api: str = field(default="kserve", metadata=flag("API to load", choices=API_NAMES))
     stream: bool = field(default=False, metadata=flag("bidirectional streaming RPC instead of unary"))
     images_per_request: int = field(default=1, metadata=flag("images per request", metavar="N"))
+    http_tensors: str = field(
+        default="binary",
+        metadata=flag(
+            "HTTP kserve tensors: Triton's binary tensor extension (as tritonclient.http sends them), or "
+            "JSON (for servers without the extension)",
+            choices=rest.TENSORS,
+        ),
+    )
     serve_command: str = field(
         default_factory=lambda: shlex.join(serve_command()),
         metadata=flag(
@@ -81,6 +131,13 @@ class RequestOptions:
         c = type(self)
         require(within(self.images_per_request, 1, 1_000_000), c, "images_per_request", "within 1..1000000",
                 self.images_per_request)  # fmt: skip
+        if self.stream and self.protocol == "http":
+            raise ValueError("--stream is gRPC's: HTTP requests are unary")
+
+    @property
+    def tensors(self) -> str | None:
+        """How KServe tensors travel over HTTP (None: not an HTTP KServe request)."""
+        return self.http_tensors if (self.protocol, self.api) == ("http", "kserve") else None
 
 
 @dataclass(frozen=True)
@@ -124,9 +181,10 @@ class LoadOptions:
     retries: int = field(
         default=0,
         metadata=flag(
-            "resend a request that failed with UNAVAILABLE (or whose stream ended unanswered) up to this "
-            "many times, with the back-off and the retry budget of the project's clients; every attempt is "
-            "counted. 0 (the default): each request is sent once, and the figures are what the server did"
+            "resend a request that failed with UNAVAILABLE (or whose stream ended unanswered; over HTTP, a "
+            "503 or a failed connection) up to this many times, with the back-off and the retry budget of "
+            "the project's clients; every attempt is counted. 0 (the default): each request is sent once, "
+            "and the figures are what the server did"
         ),
     )
     late_ms: float = field(
@@ -212,7 +270,9 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         t = self.target
-        if t.spawn == bool(t.server):
-            raise ValueError("give exactly one of --server HOST:PORT[,...] and --spawn")
+        if t.spawn == t.running.given:
+            raise ValueError("give exactly one of --server HOST:PORT[,...] (or --http-server) and --spawn")
         if t.spawn and t.repo is None:
             raise ValueError("--spawn needs --repo")
+        if not t.spawn:
+            t.running.targets(self.request.protocol)

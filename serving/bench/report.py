@@ -19,9 +19,11 @@ from serving.bench.server_metrics import ServerSplit
 PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99, "p99_9": 99.9}
 
 
-def floor_label(api: str, stream: bool, images_per_request: int) -> str:
-    """The echo floor's row label for one request shape."""
-    return f"echo-floor {api}{'-stream' if stream else ''} x{images_per_request}"
+def floor_label(setup: dict) -> str:
+    """The echo floor's row label for a request shape: echo-floor kserve x1, echo-floor http kserve x32."""
+    protocol = "http " if setup["protocol"] == "http" else ""
+    shape = "-stream" if setup["stream"] else "-json" if setup["http_tensors"] == "json" else ""
+    return f"echo-floor {protocol}{setup['api']}{shape} x{setup['images_per_request']}"
 
 
 def summarize(
@@ -141,7 +143,8 @@ def add_ratios(rows: list[dict], floor_rows: list[dict], ceilings: dict[str, lis
 
 
 def _level_key(row: dict) -> tuple:
-    return (row["api"], row["stream"], row["images_per_request"], row["concurrency"], row["rate"])
+    shape = (row.get("protocol", "grpc"), row["api"], row["stream"], row.get("http_tensors"))
+    return (*shape, row["images_per_request"], row["concurrency"], row["rate"])
 
 
 def machine() -> dict:

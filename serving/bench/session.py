@@ -6,16 +6,16 @@ import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from serving.bench import report
-from serving.bench.apis import build_workload
+from serving.bench.apis import Workload, build_workload
 from serving.bench.baselines import newest_model, ort_ceiling
-from serving.bench.config import BenchConfig, RequestOptions
+from serving.bench.config import BenchConfig, RequestOptions, RunningServers
 from serving.bench.loadgen import Connection, Level, RunSpec
 from serving.bench.runner import Probe, run_level
 from serving.bench.spawn import Spawned, SpawnError, exit_status
@@ -29,6 +29,7 @@ class Config:
     label: str
     server_args: tuple[str, ...]
     request: RequestOptions
+    running: RunningServers = field(default_factory=RunningServers)  # without --spawn: whom to load
 
     @property
     def setup(self) -> dict:
@@ -36,9 +37,11 @@ class Config:
         return {
             "model": r.model,
             "version": r.model_version,
+            "protocol": r.protocol,
             "api": r.api,
             "stream": r.stream,
             "images_per_request": r.images_per_request,
+            "http_tensors": r.tensors,
             "server_args": shlex.join(self.server_args),
             "serve_command": r.serve_command,
         }
@@ -112,13 +115,14 @@ class Run:
         target = self.settings.target
         spawned = self._spawn(config) if target.spawn else None
         try:
+            protocol = config.request.protocol
             if spawned is not None:
-                conn = replace(self.secured, targets=(spawned.target,))
+                conn = replace(self.secured, targets=(spawned.target_for(protocol),))
                 spawned.wait_serving(conn, say=lambda line: say(f"[{config.label}] server: {line}"))
                 probe = Probe((spawned.metrics_url,), config.request.model, spawned.process.pid)
             else:
-                conn = replace(self.secured, targets=split_targets(target.server))
-                urls = target.metrics_url
+                conn = replace(self.secured, targets=split_targets(config.running.targets(protocol)))
+                urls = config.running.metrics_url
                 probe = Probe(tuple(urls.split(",")) if urls else (), config.request.model)
             self._levels(pool, config, conn, probe, spawned, rows)
         except (SpawnError, ConnectionError) as e:
@@ -143,10 +147,7 @@ class Run:
                 rows: list[dict]) -> None:  # fmt: skip
         """The levels in turn, into `rows`, until the spawned server (if any) has exited."""
         setup = config.setup | {"retries": self.settings.load.retries}
-        r = config.request
-        workload = build_workload(
-            r.api, r.stream, r.model, r.model_version, self.images, self.labels, r.images_per_request
-        )
+        workload = self._workload(config.request)
         for k, level in enumerate(self.levels):
             row = self._level(pool, config.label, setup, workload, conn, level, probe, check=True)
             code = spawned.process.poll() if spawned is not None else None
@@ -165,17 +166,15 @@ class Run:
         rows = []
         echo = Spawned.echo(self.settings.output.out / "server-echo.log")
         try:
-            conn = Connection((echo.target,))
-            echo.wait_serving(conn)
-            requests = [c.request for c in configs]
-            shapes = dict.fromkeys((r.api, r.stream, r.images_per_request) for r in requests)
-            for api, stream, ipr in shapes:
-                workload = build_workload(api, stream, "echo", "", self.images, self.labels, ipr)
-                setup = {"model": "echo", "version": "", "api": api, "stream": stream,
-                         "images_per_request": ipr, "server_args": "", "checked": False,
-                         "retries": self.settings.load.retries}  # fmt: skip
-                label = report.floor_label(api, stream, ipr)
-                probe = Probe(pid=echo.process.pid)
+            echo.wait_serving(Connection((echo.target,)))
+            for shape in dict.fromkeys(_echo_shape(c.request) for c in configs):
+                workload = self._workload(shape)
+                setup = Config("", (), shape).setup | {
+                    "checked": False,
+                    "retries": self.settings.load.retries,
+                }
+                label = report.floor_label(setup)
+                conn, probe = Connection((echo.target_for(shape.protocol),)), Probe(pid=echo.process.pid)
                 for level in self.levels:
                     rows.append(self._level(pool, label, setup, workload, conn, level, probe, check=False))
                     self._account(label, rows[-1])
@@ -184,6 +183,12 @@ class Run:
         finally:
             echo.stop()
         return rows
+
+    def _workload(self, r: RequestOptions) -> Workload:
+        return build_workload(
+            r.api, r.stream, r.model, r.model_version, self.images, self.labels, r.images_per_request,
+            protocol=r.protocol, http_tensors=r.http_tensors, timeout_s=self.settings.load.timeout,
+        )  # fmt: skip
 
     def _level(self, pool, label: str, setup: dict, workload, conn: Connection, level: Level, probe: Probe,
                check: bool) -> dict:  # fmt: skip
@@ -246,8 +251,15 @@ def flat_settings(settings: BenchConfig, configs: list[Config]) -> dict:
     flat = {}
     for section in fields(settings):
         flat |= asdict(getattr(settings, section.name))
-    flat["compare"] = [{"label": c.label, **c.setup} for c in configs]
+    flat["compare"] = [{"label": c.label, **c.setup, **asdict(c.running)} for c in configs]
     return {k: str(v) if isinstance(v, Path) else v for k, v in flat.items()}
+
+
+def _echo_shape(request: RequestOptions) -> RequestOptions:
+    """The request as the echo floor gets it: the same payload, for no model."""
+    return replace(
+        request, model="echo", model_version="", serve_command="", http_tensors=request.tensors or ""
+    )
 
 
 def _slug(label: str) -> str:
