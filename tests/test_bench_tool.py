@@ -350,6 +350,8 @@ def test_a_server_that_cannot_start_is_one_line(repo, tmp_path):
         (["--http-server", "h:1"], "--protocol grpc needs --server"),
         (["--server", "h:1", "--compare", "x:-- --protocol http"], "'x': --protocol http needs"),
         (["--spawn", "--repo", "r", "--protocol", "http", "--stream"], "--stream is gRPC's"),
+        (["--protocol", "http", "--http-server", "h:99999"], "--http-server 'h:99999'"),
+        (["--protocol", "http", "--http-server", "http://h:1"], "expected HOST:PORT"),
         (["--spawn", "--repo", "r", "--compare", "x:-- --server h:1"], "only the per-configuration options"),
     ],
 )

@@ -46,6 +46,13 @@ class RunningServers:
         ),
     )
 
+    def __post_init__(self) -> None:
+        for target in filter(None, (t.strip() for t in (self.http_server or "").split(","))):
+            try:
+                rest.check_address(target)
+            except ValueError as e:
+                raise ValueError(f"--http-server {e}") from None
+
     @property
     def given(self) -> bool:
         return bool(self.server or self.http_server)

@@ -40,6 +40,16 @@ Reply = tuple[bytes, str | None]  # body, and its Inference-Header-Content-Lengt
 Send = Callable[[Request, float], Awaitable[tuple[Reply | None, str]]]
 
 
+def check_address(target: str) -> None:
+    """ValueError unless `target` is HOST:PORT (a bracketed IPv6 host too), as --http-server takes them."""
+    try:
+        url = URL(f"http://{target}")
+    except ValueError as e:
+        raise ValueError(f"{target!r}: {e}") from None
+    if not url.host or not url.explicit_port or url.path != "/" or url.query_string or url.user:
+        raise ValueError(f"{target!r}: expected HOST:PORT")
+
+
 def status_name(status: int) -> str:
     return f"HTTP_{status}"
 
@@ -135,8 +145,8 @@ class HttpClients:
                 async with session.get(health, timeout=timeout, **self._tls_name) as answer:
                     await answer.read()
             except (aiohttp.ClientError, TimeoutError) as e:
-                where = f"{url.host}:{url.port}"
-                raise ConnectionError(f"cannot connect to {where} within {timeout_s:g} s: {e}") from None
+                why = f"no answer within {timeout_s:g} s" if isinstance(e, TimeoutError) else str(e)
+                raise ConnectionError(f"cannot connect to {url.host}:{url.port} over HTTP: {why}") from None
 
     @property
     def _tls_name(self) -> dict[str, Any]:
