@@ -19,10 +19,8 @@ connection to one of them; so a client opens several channels, each with its own
 (`grpc.use_local_subchannel_pool`), and spreads its calls over them.
 """
 
-import argparse
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
@@ -116,10 +114,3 @@ def open_aio_channel(
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=options)
     return grpc.aio.secure_channel(target, credentials, options=options)
-
-
-def add_token_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The clients' bearer-token flag, spelt as mnist-serve spells it (read it with serving.security's
-    read_token); --token-file, its former name, still works for existing scripts."""
-    parser.add_argument("--auth-token-file", type=Path, help="file holding the bearer token")
-    parser.add_argument("--token-file", dest="auth_token_file", type=Path, help=argparse.SUPPRESS)

@@ -15,16 +15,16 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 from PIL import Image
 
-from serving.channels import DEFAULT_CONNECTIONS, MAX_MESSAGE_BYTES, add_token_flag, open_channel
-from serving.commandline import HelpFormatter, number
-from serving.contract import IMAGE_PIXELS
+from serving.channels import DEFAULT_CONNECTIONS, MAX_MESSAGE_BYTES, open_channel
+from serving.commandline import HelpFormatter, add_flags, add_former_name, build_config, flag, require, within
+from serving.contract import IMAGE_PIXELS, NUM_CLASSES
 from serving.images import to_mnist
 from serving.proto.mnist.v1 import classify_pb2 as pb
 from serving.proto.mnist.v1 import classify_pb2_grpc
@@ -107,6 +107,7 @@ class MnistClient:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         tls: bool = False,
+        server_name: str | None = None,
         token: str | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         connections: int = DEFAULT_CONNECTIONS,
@@ -114,7 +115,9 @@ class MnistClient:
         if connections < 1:
             raise ValueError(f"connections must be >= 1, got {connections}")
         credentials = channel_credentials(tls_ca, tls_cert, tls_key) if tls or tls_ca or tls_cert else None
-        self.channels = [open_channel(target, max_message_bytes, credentials) for _ in range(connections)]
+        self.channels = [
+            open_channel(target, max_message_bytes, credentials, server_name) for _ in range(connections)
+        ]
         self._stubs = itertools.cycle([classify_pb2_grpc.ClassifierStub(c) for c in self.channels])
         self.model = model
         self.timeout = timeout
@@ -217,6 +220,77 @@ def format_row(path: Path, prediction: Prediction, as_json: bool) -> str:
     return f"{path}\t{prediction.label}\t{prediction.confidence:.4f}\t{top}"
 
 
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client command secures its connection, with the same flags in every client command: TLS (the
+    system's CAs, or --tls-ca), a client certificate for mutual TLS, and the bearer token that mnist-serve's
+    --auth-token-file requires. The files are read when the client connects."""
+
+    tls: bool = field(default=False, metadata=flag("use TLS, trusting the system's CAs (or --tls-ca)"))
+    tls_ca: Path | None = field(
+        default=None,
+        metadata=flag("PEM CA that signed the server certificate (implies --tls)", metavar="PEM"),
+    )
+    tls_cert: Path | None = field(
+        default=None, metadata=flag("PEM client certificate for mutual TLS (with --tls-key)", metavar="PEM")
+    )
+    tls_key: Path | None = field(default=None, metadata=flag("PEM private key of --tls-cert", metavar="PEM"))
+    tls_server_name: str | None = field(
+        default=None,
+        metadata=flag("name expected in the server certificate (default: the target's host)", metavar="NAME"),
+    )
+    auth_token_file: Path | None = field(
+        default=None,
+        metadata=flag("file holding the bearer token (the server's --auth-token-file)", metavar="FILE"),
+    )
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.tls_ca is not None or self.tls_cert is not None
+
+    def token(self) -> str | None:
+        """The bearer token, read now (SecurityConfigError for a missing or empty file)."""
+        return read_token(self.auth_token_file) if self.auth_token_file else None
+
+
+MAX_TIMEOUT_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """mnist-predict's settings (its flags are derived from these fields: serving.commandline)."""
+
+    server: str = field(
+        default="localhost:8001",
+        metadata=flag(
+            "gRPC target: HOST:PORT, dns:///NAME:PORT (every address, round-robin) or ipv4:A:PORT,B:PORT",
+            metavar="TARGET",
+        ),
+    )
+    model: str = field(
+        default="mnist", metadata=flag("model name in the server's repository", metavar="NAME")
+    )
+    model_version: str = field(
+        default="", metadata=flag("model version (default: the newest)", metavar="VERSION")
+    )
+    top_k: int = field(default=3, metadata=flag("alternatives listed per image, 1..10", metavar="K"))
+    json: bool = field(default=False, metadata=flag("one JSON object per line instead of a table"))
+    timeout: float = field(
+        default=30.0, metadata=flag("deadline of the whole run, all files, in seconds", metavar="SECONDS")
+    )
+    security: ClientSecurity = field(default_factory=ClientSecurity)
+
+    def __post_init__(self) -> None:
+        c = type(self)
+        require(within(self.top_k, 1, NUM_CLASSES), c, "top_k", f"within 1..{NUM_CLASSES}", self.top_k)
+        require(within(self.timeout, 0.001, MAX_TIMEOUT_S), c, "timeout", f"within 0.001..{MAX_TIMEOUT_S:g}",
+                self.timeout)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mnist-predict",
@@ -226,21 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR", help="image files or directories")
-    p.add_argument(
-        "--server",
-        default="localhost:8001",
-        help="gRPC target: HOST:PORT, dns:///NAME:PORT (every address, round-robin) or ipv4:A:PORT,B:PORT",
-    )
-    p.add_argument("--model", default="mnist", help="model name in the server's repository")
-    p.add_argument("--version", default="", help="model version (default: the newest)")
-    p.add_argument("--top-k", type=number(int), default=3, help="alternatives listed per image (1-10)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
-    p.add_argument("--timeout", type=number(float), default=30.0, help="seconds for the whole run (0-86400]")
-    p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
-    p.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server certificate (implies --tls)")
-    p.add_argument("--tls-cert", type=Path, help="PEM client certificate for mutual TLS")
-    p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
-    add_token_flag(p)
+    add_flags(p, PredictConfig)
+    add_former_name(p, "--version", "model_version")
+    add_former_name(p, "--token-file", "auth_token_file", Path)
     return p
 
 
@@ -291,19 +353,20 @@ def read_file(path: Path, max_bytes: int) -> bytes | FileError:
         return FileError("UNREADABLE", f"cannot read: {e.strerror}")
 
 
-def _run_error(a: argparse.Namespace, code: str, details: str) -> RunError:
+def _run_error(config: PredictConfig, code: str, details: str) -> RunError:
     if code == "UNAVAILABLE":
-        return RunError(f"cannot reach server {a.server}: {details}")
+        return RunError(f"cannot reach server {config.server}: {details}")
     if code == "DEADLINE_EXCEEDED":
-        return RunError(f"the run took longer than --timeout {a.timeout:g} s (server {a.server})")
-    return RunError(f"server {a.server} answered {code}: {details}")
+        return RunError(f"the run took longer than --timeout {config.timeout:g} s (server {config.server})")
+    return RunError(f"server {config.server} answered {code}: {details}")
 
 
-def predict(client: MnistClient, paths: list[Path], a: argparse.Namespace, out: Output) -> None:
+def predict(client: MnistClient, paths: list[Path], config: PredictConfig, out: Output) -> None:
     """Classify every file, in order, on one stream per run of readable files. When a stream itself fails
     for a reason a file can cause (the server's own message limit, say), the first file not yet answered is
     sent alone, so that the error is pinned on the file that caused it, and the stream resumes after it."""
-    deadline = time.monotonic() + a.timeout
+    deadline = time.monotonic() + config.timeout
+    top_k, version = config.top_k, config.model_version
     pending = deque((path, read_file(path, client.max_message_bytes)) for path in paths)
     while pending:
         while pending and isinstance(pending[0][1], FileError):
@@ -314,52 +377,64 @@ def predict(client: MnistClient, paths: list[Path], a: argparse.Namespace, out: 
             continue
         try:
             results = client.classify_each(
-                (data for _, data in run), a.top_k, a.version, timeout=deadline - time.monotonic()
+                (data for _, data in run), top_k, version, timeout=deadline - time.monotonic()
             )
             for result in results:
                 path, _ = pending.popleft()
                 if isinstance(result, Classification):
                     out.result(path, result)
                 elif result.code in RUN_ERRORS:
-                    raise _run_error(a, result.code, result.message)
+                    raise _run_error(config, result.code, result.message)
                 else:
                     out.error(path, result.code, f"{result.code}: {result.message}")
         except grpc.RpcError as e:
             if e.code().name not in FILE_ERRORS:
-                raise _run_error(a, e.code().name, e.details()) from None
-            path, data = pending.popleft()
-            try:
-                alone = client.classify(data, a.top_k, a.version, timeout=deadline - time.monotonic())
-                out.result(path, alone)
-            except grpc.RpcError as error:
-                if (code := error.code().name) not in FILE_ERRORS:
-                    raise _run_error(a, code, error.details()) from None
-                out.error(path, code, f"{code}: {error.details()}")
+                raise _run_error(config, e.code().name, e.details()) from None
+            _classify_alone(client, *pending.popleft(), config, deadline, out)
+
+
+def _classify_alone(
+    client: MnistClient, path: Path, data: bytes, config: PredictConfig, deadline: float, out: Output
+) -> None:
+    """One file in a request of its own: its result, or its own error."""
+    try:
+        result = client.classify(
+            data, config.top_k, config.model_version, timeout=deadline - time.monotonic()
+        )
+        out.result(path, result)
+    except grpc.RpcError as error:
+        if (code := error.code().name) not in FILE_ERRORS:
+            raise _run_error(config, code, error.details()) from None
+        out.error(path, code, f"{code}: {error.details()}")
+
+
+def connect(config: PredictConfig) -> MnistClient:
+    """A client for the run: one stream at a time, so one connection. SecurityConfigError for a TLS or
+    token file that cannot be used."""
+    s = config.security
+    return MnistClient(
+        config.server, model=config.model, timeout=config.timeout, tls=s.tls, tls_ca=s.tls_ca,
+        tls_cert=s.tls_cert, tls_key=s.tls_key, server_name=s.tls_server_name, token=s.token(),
+        connections=1,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = build_parser()
-    a = p.parse_args(argv)
-    if not 1 <= a.top_k <= 10:
-        p.error(f"--top-k must be within 1..10, got {a.top_k}")
-    if not 0 < a.timeout <= 86_400:
-        p.error(f"--timeout must be within (0, 86400] seconds, got {a.timeout}")
-    paths = find_images(a.images)
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    config = build_config(parser, PredictConfig, namespace)
+    paths = find_images(namespace.images)
     if not paths:
         print("mnist-predict: error: no image files found", file=sys.stderr)
         raise SystemExit(1)
     try:
-        token = read_token(a.auth_token_file) if a.auth_token_file else None
-        client = MnistClient(
-            a.server, model=a.model, timeout=a.timeout, tls=a.tls, tls_ca=a.tls_ca, tls_cert=a.tls_cert,
-            tls_key=a.tls_key, token=token, connections=1,  # one stream: one connection
-        )  # fmt: skip
+        client = connect(config)
     except SecurityConfigError as e:
         print(f"mnist-predict: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    out = Output(a.json)
+    out = Output(config.json)
     try:
-        predict(client, paths, a, out)
+        predict(client, paths, config, out)
     except RunError as e:
         print(f"mnist-predict: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -1,11 +1,13 @@
 """The clients' one retry layer (serving.channels): what is resent, how often, and that a failing server gets
-fewer calls, not more; and mnist-bench, which resends only when asked and counts every attempt.
+fewer calls, not more; and mnist-bench, which resends only when asked and counts every attempt, over gRPC
+and over HTTP.
 
-The server here is a real gRPC server on loopback that answers every call with one status and counts the
-calls it received (with gRPC's `grpc-previous-rpc-attempts` header, which marks a resend): a server that
-fails every call is the condition under test, and mnist-serve cannot be held in it.
+The servers here are a real gRPC server and a real aiohttp server on loopback that answer every call with
+one status and count the calls they received (gRPC's `grpc-previous-rpc-attempts` header marks a resend): a
+server that fails every call is the condition under test, and mnist-serve cannot be held in it.
 """
 
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -13,6 +15,7 @@ from concurrent import futures
 
 import grpc
 import pytest
+from aiohttp import web
 
 from serving.bench.apis import build_workload
 from serving.bench.loadgen import Connection, Level, RunSpec, run
@@ -127,3 +130,70 @@ def test_mnist_bench_resends_only_when_asked_and_counts_every_attempt(refusing, 
     # Resent, within the clients' retry budget: at most max_tokens / 2 resends before the throttle closes.
     assert 40 < attempts <= 40 + RETRY_POLICY.max_tokens / 2
     assert set(refusing.calls) == {0}  # the generator resends itself: to gRPC each attempt is a first one
+
+
+class RefusingHttpServer:
+    """Answers every POST with the HTTP status `status` and the REST front end's error body, on its own event
+    loop in a thread; counts the requests it received. GET (the generator's connection check) answers 200."""
+
+    def __init__(self, status: int) -> None:
+        self.status, self.calls = status, 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runner = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        self.target = f"127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def _start(self) -> web.AppRunner:
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self._refuse)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+
+    async def _refuse(self, request: web.Request) -> web.Response:
+        if request.method == "GET":
+            return web.Response()
+        await request.read()
+        self.calls += 1
+        return web.json_response({"error": "refused by the test server"}, status=self.status)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def refusing_http(request):
+    server = RefusingHttpServer(request.param)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("refusing_http", [503], indirect=True)
+def test_over_http_mnist_bench_resends_a_503_only_when_asked_and_counts_every_attempt(refusing_http, mnist):
+    workload = build_workload(
+        "kserve", False, "mnist", "", mnist.test_images, mnist.test_labels, 1, 8, protocol="http"
+    )
+    once = run(_spec(refusing_http.target, workload, retries=0))
+    assert once.status == once.attempts == once.all_attempts == {"HTTP_503": 40}
+    assert refusing_http.calls == 40  # aiohttp resends nothing either
+
+    refusing_http.calls = 0
+    retried = run(_spec(refusing_http.target, workload, retries=2))
+    assert retried.status == {"HTTP_503": 40}
+    attempts = retried.attempts["HTTP_503"]
+    assert attempts == retried.all_attempts["HTTP_503"] == refusing_http.calls
+    assert 40 < attempts <= 40 + RETRY_POLICY.max_tokens / 2
+
+
+@pytest.mark.parametrize("refusing_http", [429, 504], indirect=True)
+def test_over_http_mnist_bench_never_resends_a_refusal(refusing_http, mnist):
+    workload = build_workload(
+        "classify", False, "mnist", "", mnist.test_images, mnist.test_labels, 1, 8, protocol="http"
+    )
+    result = run(_spec(refusing_http.target, workload, retries=2))
+    name = f"HTTP_{refusing_http.status}"
+    assert result.status == result.attempts == {name: 40} and refusing_http.calls == 40

@@ -1,9 +1,11 @@
-"""The load generator: closed loop (fixed concurrency) and open loop (fixed rate) over grpc.aio.
+"""The load generator: closed loop (fixed concurrency) and open loop (fixed rate) over grpc.aio, or over
+HTTP with aiohttp's client (serving.bench.rest).
 
 The hot path only sends pre-serialized request bytes and appends one record per attempt to a list;
 decoding and checking every reply happens after the run, outside the measured window. Each call is sent
-once: gRPC's retries are off, and a request is resent only with `RunSpec.retries` (serving.bench.retries),
-each attempt recorded. `run` is the entry point of one generator process; the CLI may start several.
+once: gRPC's retries are off (aiohttp has none), and a request is resent only with `RunSpec.retries`
+(serving.bench.retries), each attempt recorded. `run` is the entry point of one generator process; the CLI
+may start several.
 """
 
 import asyncio
@@ -12,53 +14,28 @@ import itertools
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
 
 from serving import eventloop
 from serving.bench.apis import BadResponse, InBandError, Workload, check, decode
+from serving.bench.connection import Connection
+from serving.bench.rest import HttpClients
 from serving.bench.retries import STREAM_CLOSED, Retrier
-from serving.channels import open_aio_channel
 
 # Unanswered requests are cancelled only this long after their own deadline could have ended them, so a
 # late reply is recorded as the DEADLINE_EXCEEDED it got, not as a CANCELLED of the generator's making.
 DEADLINE_MARGIN_S = 2.0
 
-# One attempt: the request's scheduled/first send time, done, request index, status, reply, attempt number
-# (0: the first send), and whether it is the request's last attempt.
-Record = tuple[float, float, int, str, bytes | None, int, bool]
-
-
-@dataclass(frozen=True)
-class Connection:
-    """Where and how to connect: targets, each over `connections` channels (calls go round-robin over all
-    of them, see serving.channels), optional TLS and bearer token."""
-
-    targets: tuple[str, ...]
-    root_certificates: bytes | None = None
-    private_key: bytes | None = None
-    certificate_chain: bytes | None = None
-    server_name: str | None = None
-    token: str | None = None
-    max_message_bytes: int = 64 * 1024 * 1024
-    connections: int = 1
-
-    def channel(self, target: str) -> grpc.aio.Channel:
-        credentials = None
-        if self.root_certificates is not None:
-            credentials = grpc.ssl_channel_credentials(
-                self.root_certificates, self.private_key, self.certificate_chain
-            )
-        return open_aio_channel(target, self.max_message_bytes, credentials, self.server_name, retries=False)
-
-    def channels(self) -> list[grpc.aio.Channel]:
-        return [self.channel(t) for t in self.targets for _ in range(self.connections)]
-
-    def metadata(self) -> tuple[tuple[str, str], ...] | None:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+# One attempt: the request's scheduled/first send time, done, request index, status, reply (bytes over gRPC,
+# body and header over HTTP), attempt number (0: the first send), and whether it is the request's last.
+Record = tuple[float, float, int, str, Any, int, bool]
+# Sends one request with a deadline in seconds; returns (reply, "OK") or (None, the failure's status).
+Send = Callable[[Any, float], Awaitable[tuple[Any, str]]]
 
 
 @dataclass(frozen=True)
@@ -166,15 +143,56 @@ def run(spec: RunSpec) -> RunResult:
         gc.enable()
 
 
-async def _run(spec: RunSpec) -> RunResult:
-    channels = spec.connection.channels()
-    try:
-        for channel in channels:
+class _GrpcClients:
+    """gRPC: `connections` channels per target (serving.channels), each call on the next one."""
+
+    def __init__(self, connection: Connection, method: str) -> None:
+        self.connection, self.method = connection, method
+        self.channels = connection.channels()
+
+    async def open(self, timeout_s: float) -> None:
+        for channel in self.channels:
             try:
-                await asyncio.wait_for(channel.channel_ready(), spec.timeout_s)
+                await asyncio.wait_for(channel.channel_ready(), timeout_s)
             except TimeoutError:
-                targets = ", ".join(spec.connection.targets)
-                raise ConnectionError(f"cannot connect to {targets} within {spec.timeout_s:g} s") from None
+                targets = ", ".join(self.connection.targets)
+                raise ConnectionError(f"cannot connect to {targets} within {timeout_s:g} s") from None
+
+    def senders(self) -> list[Send]:
+        return [_grpc_sender(c.unary_unary(self.method), self.connection.metadata()) for c in self.channels]
+
+    def streams(self) -> list:
+        return [c.stream_stream(self.method) for c in self.channels]
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
+
+def _grpc_sender(call, metadata) -> Send:
+    async def send(request: bytes, timeout_s: float) -> tuple[bytes | None, str]:
+        try:
+            return await call(request, timeout=timeout_s, metadata=metadata), "OK"
+        except grpc.aio.AioRpcError as error:
+            return None, error.code().name
+
+    return send
+
+
+Clients = _GrpcClients | HttpClients
+
+
+def _clients(spec: RunSpec) -> Clients:
+    """The connections of the workload's protocol, not open yet."""
+    if spec.workload.protocol == "http":
+        return HttpClients(spec.connection, spec.workload.method)
+    return _GrpcClients(spec.connection, spec.workload.method)
+
+
+async def _run(spec: RunSpec) -> RunResult:
+    clients = _clients(spec)
+    try:
+        await clients.open(spec.timeout_s)
         # Align with the other generator processes on the wall clock, then work on perf_counter.
         await asyncio.sleep(max(0.0, spec.start_at - time.time()))
         t0, cpu = time.perf_counter(), time.process_time()
@@ -183,27 +201,23 @@ async def _run(spec: RunSpec) -> RunResult:
         result = RunResult(np.empty(0))
         retry = Retrier(spec.retries, seed=spec.seed)
         if spec.level.concurrency:
-            await _closed_loop(spec, channels, window, records, retry)
+            await _closed_loop(spec, clients, window, records, retry)
         else:
-            await _open_loop(spec, channels, window, records, result, retry)
+            await _open_loop(spec, clients, window, records, result, retry)
         result.cpu_s = time.process_time() - cpu
     finally:
-        for channel in channels:
-            await channel.close()
+        await clients.close()
     return _tally(spec, window, records, result)
 
 
 async def _closed_loop(
-    spec: RunSpec, channels: list[grpc.aio.Channel], window: _Window, records: list[Record], retry: Retrier
+    spec: RunSpec, clients: Clients, window: _Window, records: list[Record], retry: Retrier
 ) -> None:
-    wl = spec.workload
     pick = itertools.count(spec.seed * 7919)
-    if wl.stream:
-        calls = [c.stream_stream(wl.method) for c in channels]
-        worker = _closed_stream
+    if spec.workload.stream:
+        calls, worker = clients.streams(), _closed_stream
     else:
-        calls = [c.unary_unary(wl.method) for c in channels]
-        worker = _closed_unary
+        calls, worker = clients.senders(), _closed_unary
     tasks = [
         asyncio.create_task(worker(calls[w % len(calls)], window, pick, records.append, spec, retry))
         for w in range(spec.level.concurrency)
@@ -211,25 +225,22 @@ async def _closed_loop(
     await _finish(tasks, window, spec)
 
 
-async def _closed_unary(call, window, pick, record: Callable, spec: RunSpec, retry: Retrier) -> None:
-    requests, md = spec.workload.requests, spec.connection.metadata()
+async def _closed_unary(send: Send, window, pick, record: Callable, spec: RunSpec, retry: Retrier) -> None:
+    requests = spec.workload.requests
     n = len(requests)
     while window.may_send(t0 := time.perf_counter()):
         i = next(pick) % n
-        await _unary_request(call, requests[i], t0, i, record, md, spec.timeout_s, retry)
+        await _unary_request(send, requests[i], t0, i, record, spec.timeout_s, retry)
 
 
 async def _unary_request(
-    call, request: bytes, due: float, i: int, record: Callable, md, timeout_s: float, retry: Retrier
+    send: Send, request, due: float, i: int, record: Callable, timeout_s: float, retry: Retrier
 ) -> None:
     """One request: its attempts, each recorded, within one deadline counted from the first send."""
     attempt, deadline = 0, time.perf_counter() + timeout_s
     try:
         while True:
-            try:
-                reply, status = await call(request, timeout=deadline - time.perf_counter(), metadata=md), "OK"
-            except grpc.aio.AioRpcError as error:
-                reply, status = None, error.code().name
+            reply, status = await send(request, deadline - time.perf_counter())
             delay = retry.after(status, attempt, deadline - time.perf_counter())
             record((due, time.perf_counter(), i, status, reply, attempt, delay is None))
             if delay is None:
@@ -301,7 +312,7 @@ def schedule(level: Level, seconds: float, seed: int, phase: float = 0.0) -> np.
 
 async def _open_loop(
     spec: RunSpec,
-    channels: list[grpc.aio.Channel],
+    clients: Clients,
     window: _Window,
     records: list[Record],
     result: RunResult,
@@ -311,8 +322,10 @@ async def _open_loop(
     measured_s = spec.max_requests / level.rate if spec.max_requests else spec.duration_s
     offsets = schedule(level, spec.warmup_s + measured_s, spec.seed, spec.phase)
     window.end = window.begin + measured_s
-    kind = _StreamSender if wl.stream else _UnarySender
-    sender = kind(wl, channels, spec, records, retry)
+    if wl.stream:
+        sender = _StreamSender(clients.streams(), spec, records, retry)
+    else:
+        sender = _UnarySender(clients.senders(), spec, records, retry)
     n, lags = len(wl.requests), []
     t0 = window.begin - spec.warmup_s
     for k, offset in enumerate(offsets):
@@ -337,11 +350,8 @@ async def _open_loop(
 class _UnarySender:
     """Open loop, unary: one task per request (its attempts included), latency from its scheduled time."""
 
-    def __init__(
-        self, wl: Workload, channels: list[grpc.aio.Channel], spec: RunSpec, records: list[Record], retry
-    ) -> None:
-        self.calls = [c.unary_unary(wl.method) for c in channels]
-        self.requests, self.md, self.timeout = wl.requests, spec.connection.metadata(), spec.timeout_s
+    def __init__(self, senders: list[Send], spec: RunSpec, records: list[Record], retry: Retrier) -> None:
+        self.senders, self.requests, self.timeout = senders, spec.workload.requests, spec.timeout_s
         self.record, self.retry, self.tasks, self.sent = records.append, retry, set(), 0
 
     @property
@@ -349,10 +359,10 @@ class _UnarySender:
         return len(self.tasks)
 
     def send(self, due: float, i: int) -> None:
-        call = self.calls[self.sent % len(self.calls)]
+        send = self.senders[self.sent % len(self.senders)]
         self.sent += 1
         task = asyncio.create_task(
-            _unary_request(call, self.requests[i], due, i, self.record, self.md, self.timeout, self.retry)
+            _unary_request(send, self.requests[i], due, i, self.record, self.timeout, self.retry)
         )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -368,13 +378,10 @@ class _StreamSender:
     """Open loop, streaming: requests go round-robin over a few streams. A stream answers in order, so
     its reader matches replies to the queue of scheduled times (reply ids are checked afterwards)."""
 
-    def __init__(
-        self, wl: Workload, channels: list[grpc.aio.Channel], spec: RunSpec, records: list[Record], retry
-    ) -> None:
-        calls = [c.stream_stream(wl.method) for c in channels]
-        md = spec.connection.metadata()
+    def __init__(self, calls: list, spec: RunSpec, records: list[Record], retry: Retrier) -> None:
+        md, requests = spec.connection.metadata(), spec.workload.requests
         self.lanes = [
-            _StreamLane(calls[s % len(calls)], md, wl.requests, records.append, retry)
+            _StreamLane(calls[s % len(calls)], md, requests, records.append, retry)
             for s in range(spec.level.streams)
         ]
         self.sent = 0
@@ -475,7 +482,7 @@ def _tally(spec: RunSpec, window: _Window, records: list[Record], result: RunRes
         answered = status  # what the server answered, as its own metrics count it
         if status == "OK" and (measured or wl.stream):  # in-band stream errors count for the server too
             try:
-                probabilities, reply_id = decode(wl.api, wl.stream, reply) if spec.check else (None, "")
+                probabilities, reply_id = decode(wl, reply) if spec.check else (None, "")
                 if reply_id and reply_id != str(i):
                     raise BadResponse("WRONG_REPLY_ID")
                 if spec.check and measured:

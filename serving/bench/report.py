@@ -19,9 +19,11 @@ from serving.bench.server_metrics import ServerSplit
 PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99, "p99_9": 99.9}
 
 
-def floor_label(api: str, stream: bool, images_per_request: int) -> str:
-    """The echo floor's row label for one request shape."""
-    return f"echo-floor {api}{'-stream' if stream else ''} x{images_per_request}"
+def floor_label(setup: dict) -> str:
+    """The echo floor's row label for a request shape: echo-floor kserve x1, echo-floor http kserve x32."""
+    protocol = "http " if setup["protocol"] == "http" else ""
+    shape = "-stream" if setup["stream"] else "-json" if setup["http_tensors"] == "json" else ""
+    return f"echo-floor {protocol}{setup['api']}{shape} x{setup['images_per_request']}"
 
 
 def summarize(
@@ -77,19 +79,26 @@ def summarize(
             "max_send_lag_ms": result.max_lag_s * 1e3,
         }
     if split is not None:
-        if split.batches:
-            row |= {
-                "server_requests": split.requests,
-                "server_mean_ms": split.mean_request_ms,
-                "server_queue_ms": split.mean_queue_ms,
-                "server_compute_ms": split.mean_compute_ms,
-                "server_batch_size": split.mean_batch_size,
-            }
-        if not math.isnan(split.cpu_s) and split.seconds > 0:
-            # Per request answered in the window; the client's count, as the echo floor has no metrics.
-            row["server_cpu_cores"] = split.cpu_s / split.seconds
-            row["server_cpu_us_per_request"] = 1e6 * split.cpu_s / max(1, row["requests"])
+        row |= _server_figures(split, row["requests"])
     return row
+
+
+def _server_figures(split: ServerSplit, requests: int) -> dict:
+    """The server's side of a level: its split of the time, and its CPU per request."""
+    figures = {}
+    if split.batches:
+        figures |= {
+            "server_requests": split.requests,
+            "server_mean_ms": split.mean_request_ms,
+            "server_queue_ms": split.mean_queue_ms,
+            "server_compute_ms": split.mean_compute_ms,
+            "server_batch_size": split.mean_batch_size,
+        }
+    if not math.isnan(split.cpu_s) and split.seconds > 0:
+        # Per request answered in the window; the client's count, as the echo floor has no metrics.
+        figures["server_cpu_cores"] = split.cpu_s / split.seconds
+        figures["server_cpu_us_per_request"] = 1e6 * split.cpu_s / max(1, requests)
+    return figures
 
 
 # A level whose requests all failed for this long at its end (or this share of its window) measured a
@@ -141,7 +150,8 @@ def add_ratios(rows: list[dict], floor_rows: list[dict], ceilings: dict[str, lis
 
 
 def _level_key(row: dict) -> tuple:
-    return (row["api"], row["stream"], row["images_per_request"], row["concurrency"], row["rate"])
+    shape = (row.get("protocol", "grpc"), row["api"], row["stream"], row.get("http_tensors"))
+    return (*shape, row["images_per_request"], row["concurrency"], row["rate"])
 
 
 def machine() -> dict:

@@ -6,7 +6,8 @@ As in gRPC (gRFC A6): a failed attempt with a retryable status is sent again aft
 policy's exponential back-off, at most N times, and a token bucket per generator process throttles the
 resends: a retryable failure takes a token, a success gives back a fraction of one, and while half the
 bucket is gone no request is resent. A stream that the server ended without answering a request
-(STREAM_CLOSED: the server never read it) is resent like UNAVAILABLE.
+(STREAM_CLOSED: the server never read it) is resent like UNAVAILABLE; over HTTP, so are a 503 and a
+connection that failed (UNAVAILABLE).
 """
 
 import random
@@ -14,13 +15,14 @@ import random
 from serving.channels import RETRY_POLICY, RetryPolicy
 
 STREAM_CLOSED = "STREAM_CLOSED"
+HTTP_UNAVAILABLE = "HTTP_503"  # UNAVAILABLE as the HTTP front end answers it (serving.http.status)
 
 
 class Retrier:
     def __init__(self, retries: int, policy: RetryPolicy = RETRY_POLICY, seed: int = 0) -> None:
         self.retries = retries
         self.policy = policy
-        self.retryable = frozenset((*policy.retryable, STREAM_CLOSED))
+        self.retryable = frozenset((*policy.retryable, STREAM_CLOSED, HTTP_UNAVAILABLE))
         self.tokens = float(policy.max_tokens)
         self._random = random.Random(seed)
 

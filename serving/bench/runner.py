@@ -12,6 +12,7 @@ from typing import Any
 
 from serving.bench import loadgen
 from serving.bench.loadgen import RunResult, RunSpec
+from serving.bench.rest import server_counts_as_http
 from serving.bench.server_metrics import SCRAPE_ERRORS, Sample, ServerSplit, requests_by_status, scrape
 
 
@@ -111,7 +112,10 @@ def run_level(
             (t0, first), (t1, last) = before.result(), after.result() if after else probe.read()
             split = ServerSplit.between(first, last, t1 - t0)
         if level_before is not None:
-            served = requests_by_status(level_before, probe.read()[1])
+            protocol = spec.workload.protocol
+            served = requests_by_status(level_before, probe.read()[1], protocol)
+            if protocol == "http":  # in the generator's words: HTTP statuses
+                served = server_counts_as_http(served, result.all_attempts)
     except SCRAPE_ERRORS:
         pass
     return LevelRun(result, split, served)

@@ -1,21 +1,21 @@
 """One mnist-bench run: every configuration at every load level, repeated and interleaved, the echo floor
 and the ORT ceiling beside them; what failed; and the outputs (tables, JSON, CSV, plot)."""
 
-import argparse
 import os
 import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from serving.bench import report
-from serving.bench.apis import build_workload
+from serving.bench.apis import Workload, build_workload
 from serving.bench.baselines import newest_model, ort_ceiling
+from serving.bench.config import BenchConfig, RequestOptions, RunningServers
 from serving.bench.loadgen import Connection, Level, RunSpec
 from serving.bench.runner import Probe, run_level
 from serving.bench.spawn import Spawned, SpawnError, exit_status
@@ -28,30 +28,22 @@ class Config:
 
     label: str
     server_args: tuple[str, ...]
-    serve_command: str
-    model: str
-    version: str
-    api: str
-    stream: bool
-    images_per_request: int
-
-    @staticmethod
-    def from_args(label: str, server_args: tuple[str, ...], ns: argparse.Namespace) -> "Config":
-        return Config(
-            label, server_args, ns.serve_command, ns.model, ns.model_version, ns.api, ns.stream,
-            ns.images_per_request,
-        )  # fmt: skip
+    request: RequestOptions
+    running: RunningServers = field(default_factory=RunningServers)  # without --spawn: whom to load
 
     @property
     def setup(self) -> dict:
+        r = self.request
         return {
-            "model": self.model,
-            "version": self.version,
-            "api": self.api,
-            "stream": self.stream,
-            "images_per_request": self.images_per_request,
+            "model": r.model,
+            "version": r.model_version,
+            "protocol": r.protocol,
+            "api": r.api,
+            "stream": r.stream,
+            "images_per_request": r.images_per_request,
+            "http_tensors": r.tensors,
             "server_args": shlex.join(self.server_args),
-            "serve_command": self.serve_command,
+            "serve_command": r.serve_command,
         }
 
 
@@ -68,7 +60,7 @@ def say(text: str) -> None:
 
 
 def run_all(
-    args: argparse.Namespace,
+    settings: BenchConfig,
     configs: list[Config],
     secured: Connection,
     images: np.ndarray,
@@ -78,35 +70,31 @@ def run_all(
     `secured` holds the TLS files and token; `images` and `labels` are the digits to send."""
     load_before = tuple(round(x, 2) for x in os.getloadavg())
     say(f"load average before the run: {load_before}")
-    if args.rate:
-        levels = [Level(rate=r, arrivals=args.arrivals, streams=args.streams) for r in args.rate]
-    else:
-        levels = [Level(concurrency=c) for c in args.concurrency or (1, 8, 32, 64)]
-    args.out.mkdir(parents=True, exist_ok=True)
+    output = settings.output
+    output.out.mkdir(parents=True, exist_ok=True)
     ceilings = {}
-    if args.baselines in ("all", "ceiling") and args.repo:
-        sizes = sorted(
-            set(args.ceiling_batch_sizes or [1, 8, 32, 64, 128]) | {c.images_per_request for c in configs}
-        )
-        for model, version in dict.fromkeys((c.model, c.version) for c in configs):
+    if output.baselines in ("all", "ceiling") and settings.target.repo:
+        sizes = output.ceiling_sizes({c.request.images_per_request for c in configs})
+        for model, version in dict.fromkeys((c.request.model, c.request.model_version) for c in configs):
             say(f"ORT ceiling: {model} at batch sizes {sizes}")
-            options = RuntimeOptions(device=args.ceiling_device)
+            options = RuntimeOptions(device=output.ceiling_device)
             ceilings[model] = ort_ceiling(
-                newest_model(args.repo, model, version), images, sizes, options=options
+                newest_model(settings.target.repo, model, version), images, sizes, options=options
             )
 
-    run = Run(args, levels, images, labels, secured)
+    run = Run(settings, images, labels, secured)
     rows, floor_rows = [], []
+    procs = settings.load.procs
     context = get_context("spawn")  # never fork a process that has live gRPC channels
-    with ProcessPoolExecutor(args.procs, mp_context=context) as pool:
-        list(pool.map(time.sleep, [0.2] * args.procs))  # start the generator processes now, not in a level
-        for repeat in range(args.repeat):  # configurations interleaved: drift hits all of them alike
-            for config in configs:
-                rows += [row | {"repeat": repeat} for row in run.config(pool, config)]
-            if args.baselines in ("all", "floor"):
+    with ProcessPoolExecutor(procs, mp_context=context) as pool:
+        list(pool.map(time.sleep, [0.2] * procs))  # start the generator processes now, not in a level
+        for repeat in range(settings.load.repeat):  # configurations interleaved: drift hits all of them alike
+            for each in configs:
+                rows += [row | {"repeat": repeat} for row in run.config(pool, each)]
+            if output.baselines in ("all", "floor"):
                 floor_rows += [row | {"repeat": repeat} for row in run.floor(pool, configs)]
     report.add_ratios(rows, floor_rows, ceilings)
-    write_outputs(args, configs, rows, floor_rows, ceilings, run.servers, load_before)
+    write_outputs(settings, configs, rows, floor_rows, ceilings, run.servers, load_before)
     return run.failures
 
 
@@ -114,8 +102,9 @@ class Run:
     """What every configuration's levels share: the settings, the digits, the generator pool, and the
     record of spawned servers and of failures."""
 
-    def __init__(self, args: argparse.Namespace, levels: list[Level], images, labels, secured: Connection):
-        self.args, self.levels, self.images, self.labels, self.secured = args, levels, images, labels, secured
+    def __init__(self, settings: BenchConfig, images, labels, secured: Connection):
+        self.settings, self.images, self.labels, self.secured = settings, images, labels, secured
+        self.levels = settings.load.levels
         self.servers: list[dict] = []
         self.failures: list[str] = []
 
@@ -123,16 +112,18 @@ class Run:
         """Every level for one configuration, against its own spawned server or the given ones. A server
         that cannot start, or dies, fails this configuration only: the others still run."""
         rows: list[dict] = []
-        spawned = self._spawn(config) if self.args.spawn else None
+        target = self.settings.target
+        spawned = self._spawn(config) if target.spawn else None
         try:
+            protocol = config.request.protocol
             if spawned is not None:
-                conn = replace(self.secured, targets=(spawned.target,))
+                conn = replace(self.secured, targets=(spawned.target_for(protocol),))
                 spawned.wait_serving(conn, say=lambda line: say(f"[{config.label}] server: {line}"))
-                probe = Probe((spawned.metrics_url,), config.model, spawned.process.pid)
+                probe = Probe((spawned.metrics_url,), config.request.model, spawned.process.pid)
             else:
-                conn = replace(self.secured, targets=split_targets(self.args.server))
-                urls = self.args.metrics_url
-                probe = Probe(tuple(urls.split(",")) if urls else (), config.model)
+                conn = replace(self.secured, targets=split_targets(config.running.targets(protocol)))
+                urls = config.running.metrics_url
+                probe = Probe(tuple(urls.split(",")) if urls else (), config.request.model)
             self._levels(pool, config, conn, probe, spawned, rows)
         except (SpawnError, ConnectionError) as e:
             self.failures.append(f"[{config.label}] {e}")
@@ -146,20 +137,17 @@ class Run:
         return rows
 
     def _spawn(self, config: Config) -> Spawned:
-        log = self.args.out / f"server-{_slug(config.label)}.log"
-        command = shlex.split(config.serve_command)
-        spawned = Spawned.mnist_serve(command, self.args.repo, list(config.server_args), log)
+        log = self.settings.output.out / f"server-{_slug(config.label)}.log"
+        command = shlex.split(config.request.serve_command)
+        spawned = Spawned.mnist_serve(command, self.settings.target.repo, list(config.server_args), log)
         say(f"[{config.label}] spawned: {spawned}")
         return spawned
 
     def _levels(self, pool, config: Config, conn: Connection, probe: Probe, spawned: Spawned | None,
                 rows: list[dict]) -> None:  # fmt: skip
         """The levels in turn, into `rows`, until the spawned server (if any) has exited."""
-        setup = config.setup | {"retries": self.args.retries}
-        workload = build_workload(
-            config.api, config.stream, config.model, config.version, self.images, self.labels,
-            config.images_per_request,
-        )  # fmt: skip
+        setup = config.setup | {"retries": self.settings.load.retries}
+        workload = self._workload(config.request)
         for k, level in enumerate(self.levels):
             row = self._level(pool, config.label, setup, workload, conn, level, probe, check=True)
             code = spawned.process.poll() if spawned is not None else None
@@ -175,19 +163,18 @@ class Run:
 
     def floor(self, pool, configs: list[Config]) -> list[dict]:
         """The same levels against the echo server, once per distinct request shape."""
-        args, rows = self.args, []
-        echo = Spawned.echo(args.out / "server-echo.log")
+        rows = []
+        echo = Spawned.echo(self.settings.output.out / "server-echo.log")
         try:
-            conn = Connection((echo.target,))
-            echo.wait_serving(conn)
-            shapes = dict.fromkeys((c.api, c.stream, c.images_per_request) for c in configs)
-            for api, stream, ipr in shapes:
-                workload = build_workload(api, stream, "echo", "", self.images, self.labels, ipr)
-                setup = {"model": "echo", "version": "", "api": api, "stream": stream,
-                         "images_per_request": ipr, "server_args": "", "checked": False,
-                         "retries": args.retries}  # fmt: skip
-                label = report.floor_label(api, stream, ipr)
-                probe = Probe(pid=echo.process.pid)
+            echo.wait_serving(Connection((echo.target,)))
+            for shape in dict.fromkeys(_echo_shape(c.request) for c in configs):
+                workload = self._workload(shape)
+                setup = Config("", (), shape).setup | {
+                    "checked": False,
+                    "retries": self.settings.load.retries,
+                }
+                label = report.floor_label(setup)
+                conn, probe = Connection((echo.target_for(shape.protocol),)), Probe(pid=echo.process.pid)
                 for level in self.levels:
                     rows.append(self._level(pool, label, setup, workload, conn, level, probe, check=False))
                     self._account(label, rows[-1])
@@ -197,15 +184,21 @@ class Run:
             echo.stop()
         return rows
 
+    def _workload(self, r: RequestOptions) -> Workload:
+        return build_workload(
+            r.api, r.stream, r.model, r.model_version, self.images, self.labels, r.images_per_request,
+            protocol=r.protocol, http_tensors=r.http_tensors, timeout_s=self.settings.load.timeout,
+        )  # fmt: skip
+
     def _level(self, pool, label: str, setup: dict, workload, conn: Connection, level: Level, probe: Probe,
                check: bool) -> dict:  # fmt: skip
-        a = self.args
+        a = self.settings.load
         spec = RunSpec(
             workload, conn, level, start_at=0.0, warmup_s=a.warmup, duration_s=a.duration,
             max_requests=a.requests, timeout_s=a.timeout, late_after_s=a.late_ms / 1e3, seed=a.seed,
             check=check, retries=a.retries,
         )  # fmt: skip
-        measured = run_level(pool, a.procs, spec, probe, label, not a.no_progress)
+        measured = run_level(pool, a.procs, spec, probe, label, self.settings.output.progress)
         return report.summarize(label, setup, level, measured.result, measured.split, measured.server_status)
 
     def _account(self, label: str, row: dict) -> None:
@@ -214,9 +207,9 @@ class Run:
             self.failures.append(f"[{label}] {report.level_name(row)}: {row['failed']}")
 
 
-def write_outputs(args, configs, rows, floor_rows, ceilings, servers, load_before) -> None:
+def write_outputs(settings: BenchConfig, configs, rows, floor_rows, ceilings, servers, load_before) -> None:
     title = f"mnist-bench: {', '.join(c.label for c in configs)} on {report.machine()['cpu']}"
-    out = args.out
+    out, repeats = settings.output.out, settings.load.repeat
     summary = report.repeat_summary(rows + floor_rows)
     report.write_json(
         out / "results.json",
@@ -225,7 +218,7 @@ def write_outputs(args, configs, rows, floor_rows, ceilings, servers, load_befor
             "machine": report.machine(),
             "load_avg_before": load_before,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "settings": flat_settings(settings, configs),
             "servers": servers,
             "ceiling": ceilings,
             "floor": floor_rows,
@@ -235,21 +228,38 @@ def write_outputs(args, configs, rows, floor_rows, ceilings, servers, load_befor
     )
     report.write_csv(out / "results.csv", rows + floor_rows)
     tables = [report.markdown(rows + floor_rows)]
-    if args.repeat > 1:
-        tables += [f"Mean ± std over {args.repeat} repeats:", report.summary_markdown(summary)]
+    if repeats > 1:
+        tables += [f"Mean ± std over {repeats} repeats:", report.summary_markdown(summary)]
     (out / "results.md").write_text("\n\n".join(tables) + "\n")
     plotted = report.plot(out / "latency.png", rows, floor_rows, title)
     lines = [report.ceiling_table(ceilings), ""] if ceilings else []
     lines += [report.table(rows + floor_rows), *report.notes(rows + floor_rows)]
-    retried = "each request sent once" if not args.retries else f"up to {args.retries} resend(s) per request"
+    retries = settings.load.retries
+    retried = "each request sent once" if not retries else f"up to {retries} resend(s) per request"
     lines.append(f"\n{retried}; load average before the run: {load_before}")
-    if args.repeat > 1:
-        lines += [f"mean ± std over {args.repeat} repeats:", report.summary_table(summary)]
+    if repeats > 1:
+        lines += [f"mean ± std over {repeats} repeats:", report.summary_table(summary)]
     written = "results.json, results.csv, results.md" + (", latency.png" if plotted else "")
     lines.append(f"wrote {out}/{written}")
     if not plotted:
         lines.append("latency.png not written: the plot needs matplotlib (the bench extra)")
     print("\n".join(lines), flush=True)
+
+
+def flat_settings(settings: BenchConfig, configs: list[Config]) -> dict:
+    """Every setting of the run by its flag's name (files as paths, not contents), and each configuration."""
+    flat = {}
+    for section in fields(settings):
+        flat |= asdict(getattr(settings, section.name))
+    flat["compare"] = [{"label": c.label, **c.setup, **asdict(c.running)} for c in configs]
+    return {k: str(v) if isinstance(v, Path) else v for k, v in flat.items()}
+
+
+def _echo_shape(request: RequestOptions) -> RequestOptions:
+    """The request as the echo floor gets it: the same payload, for no model."""
+    return replace(
+        request, model="echo", model_version="", serve_command="", http_tensors=request.tensors or ""
+    )
 
 
 def _slug(label: str) -> str:

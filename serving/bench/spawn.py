@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.bench.loadgen import Connection
+from serving.bench.connection import Connection
 from serving.channels import open_channel
 
 
@@ -37,7 +37,7 @@ def serve_command() -> list[str]:
 
 
 class Spawned:
-    """A server subprocess on 127.0.0.1 with its gRPC and metrics ports and a log file."""
+    """A server subprocess on 127.0.0.1 with its gRPC, HTTP and metrics ports and a log file."""
 
     def __init__(self, command: list[str], port: int, metrics_port: int | None, log_path: Path) -> None:
         self.command, self.port, self.metrics_port, self.log_path = command, port, metrics_port, log_path
@@ -59,8 +59,24 @@ class Spawned:
 
     @classmethod
     def echo(cls, log_path: Path) -> "Spawned":
-        port = free_port()
-        return cls([sys.executable, "-m", "serving.bench.echo", "--port", str(port)], port, None, log_path)
+        """The floors (serving.bench.echo): gRPC on its port, HTTP on its http_port."""
+        port, http_port = free_port(), free_port()
+        command = [
+            sys.executable,
+            "-m",
+            "serving.bench.echo",
+            "--port",
+            str(port),
+            "--http-port",
+            str(http_port),
+        ]
+        spawned = cls(command, port, None, log_path)
+        spawned.http_port = http_port
+        return spawned
+
+    def target_for(self, protocol: str) -> str:
+        """HOST:PORT of the gRPC or the HTTP port."""
+        return f"127.0.0.1:{self.http_port}" if protocol == "http" else self.target
 
     @property
     def metrics_url(self) -> str | None:
@@ -142,9 +158,5 @@ def exit_status(code: int) -> str:
 
 
 def _sync_channel(connection: Connection, target: str) -> grpc.Channel:
-    credentials = None
-    if connection.root_certificates is not None:
-        credentials = grpc.ssl_channel_credentials(
-            connection.root_certificates, connection.private_key, connection.certificate_chain
-        )
-    return open_channel(target, connection.max_message_bytes, credentials, connection.server_name)
+    c = connection
+    return open_channel(target, c.max_message_bytes, c.credentials(), c.server_name)

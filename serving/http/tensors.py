@@ -194,10 +194,15 @@ def infer_response(response: pb.ModelInferResponse, options: InferOptions) -> tu
 
 # -- the client's half --------------------------------------------------------------------------------------
 def encode_request(
-    images: np.ndarray, *, binary: bool = True, binary_output: bool = True, request_id: str = ""
+    images: np.ndarray,
+    *,
+    binary: bool = True,
+    binary_output: bool = True,
+    request_id: str = "",
+    parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """Body and headers of an infer request for uint8 images [N,1,28,28] (binary: as tritonclient.http
-    sends them)."""
+    sends them); `parameters` are the request's, e.g. {"timeout": microseconds}."""
     images = np.ascontiguousarray(images, np.uint8)
     tensor: dict[str, Any] = {"name": INPUT_NAME, "shape": list(images.shape), "datatype": "UINT8"}
     if binary:
@@ -210,6 +215,8 @@ def encode_request(
     }
     if request_id:
         header["id"] = request_id
+    if parameters:
+        header["parameters"] = parameters
     text = json.dumps(header, separators=(",", ":")).encode()
     if not binary:
         return text, {"Content-Type": JSON_TYPE}
@@ -218,9 +225,17 @@ def encode_request(
 
 def decode_response(body: bytes, headers: Mapping[str, str]) -> np.ndarray:
     """The probabilities [N,10] of an infer response body, binary or JSON."""
-    header, binary = split_body(body, headers.get(HEADER_LENGTH))
+    return decode_reply(body, headers.get(HEADER_LENGTH))[0]
+
+
+def decode_reply(body: bytes, header_length: str | None) -> tuple[np.ndarray, str]:
+    """(probabilities [N,10], the response's id or "") of an infer response body and the value of its
+    Inference-Header-Content-Length header (None: all JSON)."""
+    header, binary = split_body(body, header_length)
     (output,) = (o for o in header["outputs"] if o["name"] == OUTPUT_NAME)
     shape = output["shape"]
     if "data" in output:
-        return np.asarray(output["data"], np.float32).reshape(shape)
-    return np.frombuffer(binary[: output["parameters"]["binary_data_size"]], "<f4").reshape(shape)
+        probabilities = np.asarray(output["data"], np.float32)
+    else:
+        probabilities = np.frombuffer(binary[: output["parameters"]["binary_data_size"]], "<f4")
+    return probabilities.reshape(shape), header.get("id", "")
