@@ -93,7 +93,7 @@ class ClassifierServicer(classify_pb2_grpc.ClassifierServicer):
         return pb.ClassifyStreamResponse(response=outcome, id=request.id)
 
     async def classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
-        """One classification, whichever front end received it (gRPC here, or another protocol's)."""
+        """One classification, whichever front end received it (gRPC here, HTTP in serving.http)."""
         start = time.perf_counter_ns()
         loaded = self.repository.get(request.model, request.version)
         n = len(request.images)

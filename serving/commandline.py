@@ -37,7 +37,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return "\n\n".join(paragraphs)
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, "", argparse.SUPPRESS) or "default" in (action.help or ""):
+        unset = action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS)
+        if unset or "default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -169,3 +170,11 @@ def _unwrap(hint: Any) -> Any:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
+
+
+def add_former_name(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, dest: str, kind: type = str
+) -> None:
+    """Keep a renamed flag working for existing scripts, unlisted in --help: `name` sets `dest` as the
+    current flag does."""
+    parser.add_argument(name, dest=dest, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -1,7 +1,8 @@
 """mnist-serve's configuration: every setting, its default, its flag and its valid range, in one dataclass.
 
 The command line is derived from these fields (serving.commandline), so a default or a range is written once;
-tests and embedding programs build ServerConfig directly and get the same checks.
+tests and embedding programs build ServerConfig directly and get the same checks. Building one imports
+nothing heavy (no ONNX Runtime, no gRPC): the supervisor and the tools read it as plain data.
 """
 
 import math
@@ -9,13 +10,102 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.channels import MAX_MESSAGE_BYTES
 from serving.commandline import flag, require, within
-from serving.runtime import RuntimeOptions
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MAX_PORT = 65535
 DAY_SECONDS = 86_400.0
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the gRPC message limit of the server and, by default, of the clients
+DEVICES = ("auto", "cpu", "cuda")
+EXECUTION_MODES = ("sequential", "parallel")  # ONNX Runtime's ExecutionMode, by name (serving.runtime)
+CUDNN_CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: str = field(default="auto", metadata=flag("ONNX Runtime device", choices=DEVICES))
+    # One intra-op thread per session: on a tiny CNN the pool's hand-off costs more than it saves, and the
+    # server gets its parallelism from concurrent batches (measured: benchmarks/variants.md).
+    intra_op_threads: int = field(default=1, metadata=flag("ORT threads per run (0 = one per core)"))
+    inter_op_threads: int = field(default=1, metadata=flag("ORT threads across graph branches"))
+    # The graph is a chain: "parallel" has nothing to overlap.
+    execution_mode: str = field(
+        default="sequential", metadata=flag("ORT execution mode", choices=EXECUTION_MODES)
+    )
+    # Spinning threads wait hot for the next op and burn a core at low load; off unless measured to help.
+    allow_spinning: bool = field(
+        default=False,
+        metadata=flag("let idle ORT threads spin (burns a core at low load)", name="--spinning"),
+    )
+    batch_buckets: tuple[int, ...] = field(
+        default=(),
+        metadata=flag(
+            "pad every batch up to the next of these sizes, each run by its own fixed-shape session "
+            "(default: on CUDA powers of two up to the model's max batch size; on CPU no padding)",
+            metavar="N,N,...",
+        ),
+    )
+    cuda_graphs: bool = field(
+        default=True, metadata=flag("CUDA: capture each batch bucket as a CUDA graph and replay it")
+    )
+    # EXHAUSTIVE benchmarks every convolution algorithm once per shape; with fixed buckets that happens at
+    # warm-up only. HEURISTIC picks at once.
+    cudnn_conv_algo_search: str = field(
+        default="HEURISTIC",
+        metadata=flag("CUDA: how cuDNN picks convolution algorithms", choices=CUDNN_CONV_ALGO_SEARCHES),
+    )
+    # Which GPU. Prefer CUDA_VISIBLE_DEVICES: ORT warns about every session given a device_id.
+    device_id: int = 0
+
+    def __post_init__(self) -> None:
+        c = type(self)
+        require(self.device in DEVICES, c, "device", " or ".join(DEVICES), self.device)
+        for name in ("intra_op_threads", "inter_op_threads"):
+            value = getattr(self, name)
+            require(within(value, 0, 1024), c, name, "within 0..1024 (0 = one per core)", value)
+        require(self.execution_mode in EXECUTION_MODES, c, "execution_mode", " or ".join(EXECUTION_MODES),
+                self.execution_mode)  # fmt: skip
+        require(self.cudnn_conv_algo_search in CUDNN_CONV_ALGO_SEARCHES, c, "cudnn_conv_algo_search",
+                " or ".join(CUDNN_CONV_ALGO_SEARCHES), self.cudnn_conv_algo_search)  # fmt: skip
+        require(all(within(size, 1, 65536) for size in self.batch_buckets), c, "batch_buckets",
+                "sizes within 1..65536", self.batch_buckets)  # fmt: skip
+        object.__setattr__(self, "batch_buckets", tuple(sorted(set(self.batch_buckets))))
+        if self.device_id < 0:
+            raise ValueError(f"device_id must be >= 0, got {self.device_id}")
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    """The HTTP/REST front end (serving.http). Its listen address, TLS, token and size limits are the gRPC
+    ones: one server, two front ends."""
+
+    http_port: int = field(
+        default=8000,
+        metadata=flag(
+            "HTTP/REST port: the Open Inference Protocol's REST binding, /v1 classify and the drawing page "
+            "at / (0 = any free port, -1 = off)"
+        ),
+    )
+    http_read_timeout_seconds: float = field(
+        default=30.0,
+        metadata=flag(
+            "seconds an HTTP client may take to send one request body; a slower one gets 408 and its "
+            "connection is closed",
+            name="--http-read-timeout",
+            metavar="SECONDS",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        c = type(self)
+        port = self.http_port
+        require(within(port, -1, MAX_PORT), c, "http_port", f"within -1..{MAX_PORT}", port)
+        require(within(self.http_read_timeout_seconds, 0.1, 3600), c, "http_read_timeout_seconds",
+                "within 0.1..3600", self.http_read_timeout_seconds)  # fmt: skip
+
+    @property
+    def enabled(self) -> bool:
+        return self.http_port >= 0
 
 
 @dataclass(frozen=True)
@@ -34,6 +124,7 @@ class ServerConfig:
             metavar="N",
         ),
     )
+    http: HttpOptions = field(default_factory=HttpOptions)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     max_batch_size: int | None = field(
         default=None, metadata=flag("images per ONNX Runtime run (default: config.pbtxt's max_batch_size)")
@@ -54,15 +145,17 @@ class ServerConfig:
     max_concurrent_rpcs: int = field(
         default=1024,
         metadata=flag(
-            "requests handled at once per process: unary calls and stream requests in progress (an idle "
-            "stream holds none); beyond it, refused at once with RESOURCE_EXHAUSTED"
+            "requests handled at once per process: gRPC unary calls and stream requests, and HTTP inference "
+            "requests, in progress (an idle stream holds none); beyond it, refused at once with "
+            "RESOURCE_EXHAUSTED (HTTP 429)"
         ),
     )
     max_pending_rpcs: int = field(
         default=256,
         metadata=flag(
             "calls gRPC core holds while the process is too busy to take them; beyond that, gRPC core "
-            "refuses new calls: with it, the memory an overload can take is bounded"
+            "refuses new calls (HTTP: requests held beyond --max-concurrent-rpcs plus this many get 503): "
+            "with it, the memory an overload can take is bounded"
         ),
     )
     max_streams: int = field(

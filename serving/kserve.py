@@ -193,7 +193,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
-        """One inference, whichever front end received it (gRPC here, or another protocol's)."""
+        """One inference, whichever front end received it (gRPC here, HTTP in serving.http)."""
         start = time.perf_counter_ns()
         loaded = self.repository.get(request.model_name, request.model_version)
         outputs = request.outputs

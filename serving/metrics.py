@@ -27,12 +27,12 @@ class Metrics:
         ProcessCollector(registry=r)
         self.requests = Counter(
             "mnist_requests",
-            "Requests answered, by model, API, gRPC status and worker process.",
-            ["model", "api", "status", "worker"],
+            "Requests answered, by model, API, gRPC status, protocol (grpc or http) and worker process.",
+            ["model", "api", "status", "protocol", "worker"],
             registry=r,
         )
         self.request_latency = Histogram(
-            "mnist_request_latency_seconds", "Total server time per request.", ["model", "api"],
+            "mnist_request_latency_seconds", "Total server time per request.", ["model", "api", "protocol"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_latency = Histogram(
@@ -59,14 +59,14 @@ class Metrics:
 
         self._children: dict[tuple, tuple] = {}
 
-    def request_done(self, model: str, api: str, status: str, seconds: float) -> None:
+    def request_done(self, model: str, api: str, status: str, seconds: float, protocol: str = "grpc") -> None:
         """Count one answered request; latency is recorded for successful ones only."""
-        key = (model, api, status)
+        key = (model, api, status, protocol)
         children = self._children.get(key)
         if children is None:
             children = (
-                self.requests.labels(model, api, status, self.worker),
-                self.request_latency.labels(model, api),
+                self.requests.labels(model, api, status, protocol, self.worker),
+                self.request_latency.labels(model, api, protocol),
             )
             self._children[key] = children
         children[0].inc()

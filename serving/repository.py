@@ -5,11 +5,16 @@
 
 Every version found is loaded (or those config.pbtxt's version_policy selects); versions are immutable
 once written (the exporter writes a new one) and config.pbtxt is read when a version loads.
-Every change happens in two steps: prepare() loads and warms what appeared, without making it visible,
-and works out what to retire; commit() then publishes it with one dict assignment per model (in-flight
-requests keep the batcher they started on) and drains what was retired. A server with several worker
-processes prepares in all of them before any commits, so every worker serves the same versions
-(serving.control). A version that fails to load is logged once, remembered, and replaces nothing.
+
+A change starts from one look at the disk (a Listing: every file with its size and modification time)
+and happens in two steps: prepare loads and warms what appeared, without making it visible, and works out
+what to retire; commit then publishes it with one dict assignment per model (in-flight requests keep the
+batcher they started on) and drains what was retired, or abort drops it. A server with several worker
+processes gives every worker the same listing and commits only what every worker prepared alike
+(serving.control, serving.supervisor). The result is a RepositoryState, the same in every worker.
+
+A file that fails to load is logged, replaces nothing, and is remembered with its size and modification
+time: it is tried again once either changes (a file still being written), or on an explicit load.
 Names are validated and every path is resolved inside the repository, so `..`, absolute names and
 symlinks pointing out are refused.
 """
@@ -17,7 +22,9 @@ symlinks pointing out are refused.
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable
+import stat
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,15 +87,76 @@ class IndexEntry:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class Stamp:
+    """A file's size and modification time: a file written again, or still being written, gets a new one."""
+
+    size: int
+    mtime_ns: int
+
+
+def stamp_of(path: Path) -> Stamp | None:
+    """The stamp of the regular file at path (symlinks followed); None if there is none."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return Stamp(status.st_size, status.st_mtime_ns) if stat.S_ISREG(status.st_mode) else None
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """One model directory as a listing saw it."""
+
+    config: Stamp | None  # config.pbtxt (None: absent or unreadable)
+    versions: dict[int, Stamp]  # version -> its model.onnx
+
+    def paths(self, model_dir: Path) -> list[Path]:
+        return [model_dir / CONFIG_FILE, *(model_dir / str(v) / MODEL_FILE for v in self.versions)]
+
+
+Listing = dict[str, ModelFiles]  # model name -> its files, from one look at the repository
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A file that could not be served, with the stamp it had: it is tried again once its stamp changes,
+    or when a load asks for its model."""
+
+    stamp: Stamp | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class RepositoryState:
+    """What a repository serves: the versions of each model, the models explicitly unloaded, the files
+    refused. Every worker process of one server holds the same state."""
+
+    served: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    unloaded: frozenset[str] = frozenset()
+    refused: dict[Path, Refusal] = field(default_factory=dict)
+
+    def reasons(self, model_dir: Path | None = None) -> list[str]:
+        """Why each refused file (of model_dir, or of the whole repository) was refused."""
+        return [
+            r.reason
+            for path, r in self.refused.items()
+            if model_dir is None or path.is_relative_to(model_dir)
+        ]
+
+
 @dataclass
 class Plan:
-    """A prepared repository change: new versions loaded and warm but not visible, versions to retire, and
-    what the request that asked for it (load, unload) must be told once it is committed."""
+    """A prepared repository change: new versions loaded and warm but not visible, versions to retire, the
+    refusals remembered from now on, and what the request that asked for it (load, unload) must be told
+    once it is committed."""
 
     add: dict[str, dict[int, LoadedVersion]] = field(default_factory=dict)
     retire: dict[str, set[int]] = field(default_factory=dict)
     unload: set[str] = field(default_factory=set)  # names to mark explicitly unloaded
     reload: set[str] = field(default_factory=set)  # names no longer explicitly unloaded
+    # The refusals remembered from the commit on (None: those remembered now).
+    refused: dict[Path, Refusal] | None = None
     outcome: RequestError | None = None
 
     def served_after(self, current: dict[str, LoadedModel]) -> dict[str, set[int]]:
@@ -99,6 +167,16 @@ class Plan:
             for name in names
         }
         return {name: versions for name, versions in served.items() if versions}
+
+    def state_after(
+        self, current: dict[str, LoadedModel], unloaded: set[str], refused: dict[Path, Refusal]
+    ) -> RepositoryState:
+        served = self.served_after(current)
+        return RepositoryState(
+            served={name: tuple(sorted(served[name])) for name in sorted(served)},
+            unloaded=frozenset((unloaded - self.reload) | self.unload),
+            refused=dict(sorted((refused if self.refused is None else self.refused).items())),
+        )
 
 
 def validate_name(name: str, what: str = "model name") -> str:
@@ -142,13 +220,24 @@ def read_config(path: Path) -> model_config_pb2.ModelConfig:
     return config
 
 
-def find_versions(model_dir: Path) -> dict[int, Path]:
-    """version -> model.onnx path, for every integer subdirectory holding a model file."""
-    versions = {}
-    for entry in model_dir.iterdir():
-        if VERSION.fullmatch(entry.name) and (entry / MODEL_FILE).is_file():
-            versions[int(entry.name)] = entry / MODEL_FILE
-    return versions
+def model_dirs(root: Path) -> list[str]:
+    """The names of the model directories in the repository."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and is_valid_model_name(p.name))
+
+
+def list_models(root: Path, names: Iterable[str] | None = None) -> Listing:
+    """One look at the repository (or at the named models that exist): each model directory's files."""
+    listing = {}
+    for name in sorted(model_dirs(root) if names is None else names):
+        model_dir = root / name
+        if not model_dir.is_dir():
+            continue
+        versions = {}
+        for entry in model_dir.iterdir():
+            if VERSION.fullmatch(entry.name) and (stamp := stamp_of(entry / MODEL_FILE)) is not None:
+                versions[int(entry.name)] = stamp
+        listing[name] = ModelFiles(stamp_of(model_dir / CONFIG_FILE), versions)
+    return listing
 
 
 def select_versions(policy: model_config_pb2.ModelVersionPolicy, versions: set[int]) -> set[int]:
@@ -174,7 +263,7 @@ class ModelRepository:
         self.config = config
         self.metrics = metrics
         self._models: dict[str, LoadedModel] = {}
-        self._failed: dict[Path, str] = {}  # model file or config -> why it was refused (not retried)
+        self._refused: dict[Path, Refusal] = {}  # model file or config -> why it was refused, at which stamp
         self._unloaded: set[str] = set()  # explicitly unloaded: a scan leaves them alone
         self.on_change = on_change  # awaited with `ready` after every change (health status)
         self.lock = asyncio.Lock()  # one change at a time (prepare + commit)
@@ -217,9 +306,10 @@ class ModelRepository:
     def names(self) -> list[str]:
         return sorted(name for name, model in self._models.items() if model.versions)
 
-    def served(self) -> dict[str, list[int]]:
-        """name -> the versions this process serves."""
-        return {name: self.versions(name) for name in self.names()}
+    def state(self, plan: Plan | None = None) -> RepositoryState:
+        """What this process serves, has unloaded and has refused; with a prepared plan, what it will once
+        the plan is committed."""
+        return (plan or Plan()).state_after(self._models, self._unloaded, self._refused)
 
     @property
     def unloaded(self) -> set[str]:
@@ -231,29 +321,31 @@ class ModelRepository:
 
     async def index(self) -> list[IndexEntry]:
         """Every model directory on disk, with its served versions or why none is served."""
-        on_disk = await asyncio.to_thread(self._model_dirs)
+        on_disk = await asyncio.to_thread(model_dirs, self.root)
+        state = self.state()
         entries = []
         for name in sorted(set(on_disk) | set(self._models)):
             versions = self.versions(name)
             if versions:
                 entries += [IndexEntry(name, str(v), "READY") for v in versions]
             else:
-                reason = (
-                    "unloaded" if name in self._unloaded else self._refusal(name) or "no loadable version"
-                )
-                entries.append(IndexEntry(name, "", "UNAVAILABLE", reason))
+                reason = "unloaded" if name in self._unloaded else "; ".join(state.reasons(self.root / name))
+                entries.append(IndexEntry(name, "", "UNAVAILABLE", reason or "no loadable version"))
         return entries
 
-    # -- changes in one process: prepare and commit under the lock ---------------------------------------
+    # -- changes in one process: list the disk, prepare and commit under the lock -------------------------
     async def poll(self) -> None:
         """Scan the whole repository: load new models and versions, retire removed ones."""
         async with self.lock:
-            await self.commit(await self.prepare_scan())
+            listing = await asyncio.to_thread(list_models, self.root)
+            await self.commit(await self.prepare_scan(listing))
 
     async def load(self, name: str) -> None:
         """Load (or reload) one model by name, also one that was unloaded; RequestError says what failed."""
+        validate_name(name)
         async with self.lock:
-            await self.commit(await self.prepare_load(name))
+            listing = await asyncio.to_thread(list_models, self.root, [name])
+            await self.commit(await self.prepare_load(name, listing))
 
     async def unload(self, name: str) -> None:
         async with self.lock:
@@ -264,29 +356,30 @@ class ModelRepository:
             await self.commit(Plan(retire={name: set(m.versions) for name, m in self._models.items()}))
 
     # -- the two steps --------------------------------------------------------------------------------
-    async def prepare_scan(self, served: dict[str, list[int]] | None = None) -> Plan:
-        """Every model on disk that is not explicitly unloaded; with `served`, exactly those versions of
-        those models (a restarted worker joining the others)."""
-        plan = Plan()
-        on_disk = await asyncio.to_thread(self._model_dirs)
-        wanted = served.keys() if served is not None else [n for n in on_disk if n not in self._unloaded]
-        for name in sorted(wanted):
-            pinned = set(served[name]) if served is not None else None
-            await self._prepare_model(name, plan, pinned)
-        keep = set(on_disk) if served is None else set(on_disk) & set(served)
-        for name in set(self._models) - keep:
+    async def prepare_scan(self, listing: Listing) -> Plan:
+        """Every listed model that is not explicitly unloaded; loaded models no longer listed are retired.
+        A file refused before is tried again only if its stamp changed."""
+        listed = {path for name, files in listing.items() for path in files.paths(self.root / name)}
+        plan = Plan(refused={p: r for p, r in self._refused.items() if p in listed})
+        for name in sorted(set(listing) - self._unloaded):
+            await self._prepare_model(name, listing[name], plan)
+        for name in set(self._models) - set(listing):
             plan.retire[name] = set(self._models[name].versions)
         return plan
 
-    async def prepare_load(self, name: str) -> Plan:
+    async def prepare_load(self, name: str, listing: Listing) -> Plan:
+        """One model, every file of it tried again (also those refused before)."""
         validate_name(name)
-        plan = Plan(reload={name})
-        if not await asyncio.to_thread((self.root / name).is_dir):
+        model_dir = self.root / name
+        plan = Plan(
+            reload={name}, refused={p: r for p, r in self._refused.items() if not p.is_relative_to(model_dir)}
+        )
+        if name not in listing:
             plan.outcome = RequestError(
                 grpc.StatusCode.NOT_FOUND, f"no model directory {name!r} in the repository"
             )
             return plan
-        refused = await self._prepare_model(name, plan)
+        refused = await self._prepare_model(name, listing[name], plan)
         served = plan.served_after(self._models).get(name, set())
         if not served:
             plan.outcome = RequestError(
@@ -306,9 +399,26 @@ class ModelRepository:
             return Plan(outcome=RequestError(grpc.StatusCode.NOT_FOUND, f"model {name!r} is not loaded"))
         return Plan(retire={name: set(self._models[name].versions)}, unload={name})
 
+    async def prepare_adopt(self, state: RepositoryState) -> Plan:
+        """Exactly `state` (a worker process joining the others): its versions loaded, whatever this process
+        refused before, everything else retired. A version that cannot be loaded here leaves the prepared
+        state different from `state`."""
+        names = sorted(state.served)
+        listing = await asyncio.to_thread(list_models, self.root, names)
+        plan = Plan(unload=set(state.unloaded), reload=self._unloaded - state.unloaded, refused={})
+        for name in names:
+            files = listing.get(name, ModelFiles(None, {}))
+            await self._prepare_model(name, files, plan, pinned=set(state.served[name]))
+        for name in set(self._models) - set(names):
+            plan.retire[name] = set(self._models[name].versions)
+        plan.refused = {**state.refused, **plan.refused}
+        return plan
+
     async def commit(self, plan: Plan) -> None:
         """Publish a prepared plan, then drain what it retires; raises the plan's outcome, if any."""
         self._unloaded = (self._unloaded - plan.reload) | plan.unload
+        if plan.refused is not None:
+            self._refused = plan.refused
         retired = []
         for name in sorted(set(plan.add) | set(plan.retire)):
             model = self._models.get(name, LoadedModel())
@@ -333,31 +443,40 @@ class ModelRepository:
             raise plan.outcome
 
     async def abort(self, plan: Plan) -> None:
-        """Drop a prepared plan: close what it loaded."""
+        """Drop a prepared plan: close what it loaded; the refusals it found are forgotten."""
         for versions in plan.add.values():
             for lv in versions.values():
                 await lv.batcher.close()
                 lv.session.close()
 
     # -- preparing one model ----------------------------------------------------------------------------
-    async def _prepare_model(self, name: str, plan: Plan, pinned: set[int] | None = None) -> dict:
+    async def _prepare_model(
+        self, name: str, files: ModelFiles, plan: Plan, pinned: set[int] | None = None
+    ) -> dict[int | None, str]:
         """Load what `name` should serve and is not loaded yet into plan.add; retire the rest. Returns what
-        was refused: {version: reason}, with None for the model's config."""
+        is refused: {version: reason}, with None for the model's config."""
         model_dir = self.root / name
         config_path = model_dir / CONFIG_FILE
+        if (known := plan.refused.get(config_path)) is not None and known.stamp == files.config:
+            return {None: known.reason}
         try:
             inside(self.root, model_dir)
             config = await asyncio.to_thread(read_config, inside(self.root, config_path))
-            on_disk = await asyncio.to_thread(find_versions, model_dir)
+            if stamp_of(config_path) != files.config:
+                raise RepositoryError(f"{config_path}: changed while it was read")
         except (RepositoryError, OSError) as e:
-            self._refuse(config_path, str(e))
+            self._refuse(plan, config_path, files.config, str(e))
             return {None: str(e)}
-        self._failed.pop(config_path, None)
+        plan.refused.pop(config_path, None)
         current = set(self.versions(name))
         added: dict[int, LoadedVersion] = {}
-        refused: dict = {}
+
+        def refusal(version: int) -> Refusal | None:
+            known = plan.refused.get(model_dir / str(version) / MODEL_FILE)
+            return known if known is not None and known.stamp == files.versions[version] else None
+
         while True:  # a version that fails to load leaves the candidates, so the policy picks the next one
-            loadable = {v for v, path in on_disk.items() if path not in self._failed}
+            loadable = {v for v in files.versions if refusal(v) is None}
             wanted = (
                 loadable & pinned if pinned is not None else select_versions(config.version_policy, loadable)
             )
@@ -365,32 +484,41 @@ class ModelRepository:
             if not missing:
                 break
             for version in missing:
-                loaded = await self._load_version(name, version, on_disk[version], config)
+                loaded = await self._load_version(name, version, files.versions[version], config, plan)
                 if loaded is not None:
                     added[version] = loaded
-        refused = {v: self._failed[path] for v, path in on_disk.items() if path in self._failed}
         if added:
             plan.add[name] = added
         if unwanted := current - wanted:
             plan.retire[name] = unwanted
-        return refused
+        return {v: known.reason for v in sorted(files.versions) if (known := refusal(v)) is not None}
 
     async def _load_version(
-        self, name: str, version: int, path: Path, config: model_config_pb2.ModelConfig
+        self, name: str, version: int, stamp: Stamp, config: model_config_pb2.ModelConfig, plan: Plan
     ) -> LoadedVersion | None:
         c = self.config
+        path = self.root / name / str(version) / MODEL_FILE
         max_batch = c.max_batch_size or config.max_batch_size or 1
         delay = c.max_queue_delay_us
         if delay is None:
             delay = config.dynamic_batching.max_queue_delay_microseconds
         instances = max([g.count for g in config.instance_group if g.count > 0] or [1])
+        began = time.monotonic()
         try:
             real_path = inside(self.root, path)
             # Loading and warm-up take tens of ms to seconds: off the event loop, which keeps serving.
             session = await asyncio.to_thread(self._open, real_path, max_batch)
         except (RepositoryError, ModelLoadError, DeviceError, OSError) as e:
-            self._refuse(path, str(e))
+            self._refuse(plan, path, stamp, str(e))
             return None
+        if stamp_of(path) != stamp:  # written while it loaded: what loaded may be part of it
+            session.close()
+            self._refuse(plan, path, stamp, f"{path}: changed while it was loaded")
+            return None
+        plan.refused.pop(path, None)
+        log.info(
+            "event=model_loaded model=%s version=%d seconds=%.2f", name, version, time.monotonic() - began
+        )
         statistics = VersionStatistics()
         batcher = Batcher(
             f"{name}/{version}",
@@ -411,18 +539,8 @@ class ModelRepository:
         session.warm_up(sorted(sizes))
         return session
 
-    def _model_dirs(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_valid_model_name(p.name))
-
-    def refusals(self) -> list[str]:
-        """Why each refused model file or config was refused (each reason names its file)."""
-        return list(self._failed.values())
-
-    def _refusal(self, name: str) -> str:
-        model_dir = self.root / name
-        return "; ".join(why for path, why in self._failed.items() if path.is_relative_to(model_dir))
-
-    def _refuse(self, path: Path, reason: str) -> None:
-        if self._failed.get(path) != reason:
+    def _refuse(self, plan: Plan, path: Path, stamp: Stamp | None, reason: str) -> None:
+        refusal = Refusal(stamp, reason)
+        if self._refused.get(path) != refusal:
             log.error("event=model_refused path=%s reason=%r", path, reason)
-        self._failed[path] = reason
+        plan.refused[path] = refusal

@@ -42,13 +42,14 @@ def check_image_count(n: int, limit: int) -> None:
 
 
 class Admission:
-    """How many requests this process handles at once, over every API and stream (--max-concurrent-rpcs).
+    """How many requests this process handles at once, over every API, stream and protocol
+    (--max-concurrent-rpcs).
 
     Requests are counted, not calls: a unary call from its handler's start to its answer, a stream's request
     from its reading to its answer. An idle stream holds none of the budget (gRPC's own
     maximum_concurrent_rpcs counts calls, so idle streams could lock every unary call out). Past the limit
     a request is refused at once with RESOURCE_EXHAUSTED: the server is full, and an automatic resend
-    would only add to it. Shared by the APIs of one process.
+    would only add to it (HTTP: 429). Shared by the APIs and front ends of one process.
     """
 
     def __init__(self, limit: int | None = None) -> None:
@@ -63,12 +64,20 @@ class Admission:
 
 
 class Handling:
-    """The bookkeeping around each request of one API (`api` labels the metrics)."""
+    """The bookkeeping around each request of one API (`api` labels the metrics) arriving over one
+    protocol (`protocol`: grpc, or http for the REST front end in serving.http)."""
 
     def __init__(
-        self, api: str, metrics: Metrics, repository: ModelRepository, *, admission: Admission | None = None
+        self,
+        api: str,
+        metrics: Metrics,
+        repository: ModelRepository,
+        protocol: str = "grpc",
+        *,
+        admission: Admission | None = None,
     ) -> None:
         self.api = api
+        self.protocol = protocol
         self.metrics = metrics
         self.repository = repository
         self.admission = admission or Admission()
@@ -110,9 +119,9 @@ class Handling:
         seconds = time.perf_counter() - start
         failed = isinstance(outcome, RequestError)
         known = self.repository.known(model)
-        self.metrics.request_done(
-            model if known else "unknown", self.api, outcome.code.name if failed else "OK", seconds
-        )  # bounded labels
+        status = outcome.code.name if failed else "OK"
+        model_label = model if known else "unknown"  # bounded labels
+        self.metrics.request_done(model_label, self.api, status, seconds, self.protocol)
         if failed and known:
             loaded = self.repository.find(model, version)
             if loaded is not None:

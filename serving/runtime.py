@@ -11,14 +11,13 @@ import ctypes
 import logging
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from serving.buckets import Buckets, FixedBatchSession, default_sizes
-from serving.commandline import flag, require, within
+from serving.config import RuntimeOptions
 from serving.contract import IMAGE_SHAPE, INPUT_NAME, INPUT_SHAPE_TEXT, NUM_CLASSES, OUTPUT_NAME
 from serving.errors import first_line
 
@@ -26,9 +25,7 @@ log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-DEVICES = ("auto", "cpu", "cuda")
 EXECUTION_MODES = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "parallel": ort.ExecutionMode.ORT_PARALLEL}
-CUDNN_CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
 # The largest batch the batcher runs on the event loop thread rather than hand to its threads
@@ -43,59 +40,6 @@ class ModelLoadError(Exception):
 
 class DeviceError(Exception):
     """The requested device cannot be used here."""
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    device: str = field(default="auto", metadata=flag("ONNX Runtime device", choices=DEVICES))
-    # One intra-op thread per session: on a tiny CNN the pool's hand-off costs more than it saves, and the
-    # server gets its parallelism from concurrent batches (measured: benchmarks/variants.md).
-    intra_op_threads: int = field(default=1, metadata=flag("ORT threads per run (0 = one per core)"))
-    inter_op_threads: int = field(default=1, metadata=flag("ORT threads across graph branches"))
-    # The graph is a chain: "parallel" has nothing to overlap.
-    execution_mode: str = field(
-        default="sequential", metadata=flag("ORT execution mode", choices=tuple(EXECUTION_MODES))
-    )
-    # Spinning threads wait hot for the next op and burn a core at low load; off unless measured to help.
-    allow_spinning: bool = field(
-        default=False,
-        metadata=flag("let idle ORT threads spin (burns a core at low load)", name="--spinning"),
-    )
-    batch_buckets: tuple[int, ...] = field(
-        default=(),
-        metadata=flag(
-            "pad every batch up to the next of these sizes, each run by its own fixed-shape session "
-            "(default: on CUDA powers of two up to the model's max batch size; on CPU no padding)",
-            metavar="N,N,...",
-        ),
-    )
-    cuda_graphs: bool = field(
-        default=True, metadata=flag("CUDA: capture each batch bucket as a CUDA graph and replay it")
-    )
-    # EXHAUSTIVE benchmarks every convolution algorithm once per shape; with fixed buckets that happens at
-    # warm-up only. HEURISTIC picks at once.
-    cudnn_conv_algo_search: str = field(
-        default="HEURISTIC",
-        metadata=flag("CUDA: how cuDNN picks convolution algorithms", choices=CUDNN_CONV_ALGO_SEARCHES),
-    )
-    # Which GPU. Prefer CUDA_VISIBLE_DEVICES: ORT warns about every session given a device_id.
-    device_id: int = 0
-
-    def __post_init__(self) -> None:
-        c = type(self)
-        require(self.device in DEVICES, c, "device", " or ".join(DEVICES), self.device)
-        for name in ("intra_op_threads", "inter_op_threads"):
-            value = getattr(self, name)
-            require(within(value, 0, 1024), c, name, "within 0..1024 (0 = one per core)", value)
-        require(self.execution_mode in EXECUTION_MODES, c, "execution_mode", "sequential or parallel",
-                self.execution_mode)  # fmt: skip
-        require(self.cudnn_conv_algo_search in CUDNN_CONV_ALGO_SEARCHES, c, "cudnn_conv_algo_search",
-                " or ".join(CUDNN_CONV_ALGO_SEARCHES), self.cudnn_conv_algo_search)  # fmt: skip
-        require(all(within(size, 1, 65536) for size in self.batch_buckets), c, "batch_buckets",
-                "sizes within 1..65536", self.batch_buckets)  # fmt: skip
-        object.__setattr__(self, "batch_buckets", tuple(sorted(set(self.batch_buckets))))
-        if self.device_id < 0:
-            raise ValueError(f"device_id must be >= 0, got {self.device_id}")
 
 
 def cuda_device_count() -> int:

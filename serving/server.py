@@ -1,18 +1,18 @@
-"""mnist-serve: one server process. Wiring of the gRPC server (both APIs, health, reflection), metrics,
-polling and shutdown; with --workers N the supervisor (serving.supervisor) runs N of these side by side.
+"""One server process: the gRPC server (both APIs, health, reflection), the HTTP/REST front end beside it
+(serving.http), its metrics, polling and shutdown.
+`mnist-serve` (serving.cli) runs one of these, or with --workers N a supervisor (serving.supervisor) that
+runs N of them side by side, each a worker joined to it by a link (serving.control).
 
-Start-up order of a single process: listen first (health NOT_SERVING, ServerReady false), load and warm every
-model, then health SERVING. A worker process loads first and listens after, so the kernel never hands a
-connection to a worker that cannot answer it yet. Shutdown (SIGTERM/SIGINT): health NOT_SERVING, stop
-accepting, let in-flight requests finish within --grace seconds, drain the batchers, exit 0.
+Start-up of a single process: listen first (health NOT_SERVING, ServerReady false), load and warm every
+model, then health SERVING. A worker process adopts the repository state the supervisor commits first and
+listens after, so the kernel never hands a connection to a worker that cannot answer it yet. Shutdown
+(SIGTERM/SIGINT): health NOT_SERVING, stop accepting, let in-flight requests finish within --grace seconds,
+drain the batchers, exit 0.
 """
 
-import argparse
 import asyncio
 import gc
 import logging
-import signal
-import sys
 import time
 from multiprocessing.connection import Connection
 
@@ -20,19 +20,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving import eventloop
 from serving.classify import ClassifierServicer
-from serving.commandline import HelpFormatter, add_flags, build_config
 from serving.config import ServerConfig
-from serving.control import LocalControl, WorkerControl
+from serving.control import Listening, LocalControl, WorkerControl
+from serving.http.frontend import HttpFrontEnd
 from serving.kserve import KServeServicer
 from serving.metrics import Metrics
+from serving.process import check_port, every, on_stop_signals, serve_metrics, startup_problem, stop_http
 from serving.proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from serving.proto.mnist.v1 import classify_pb2, classify_pb2_grpc
 from serving.repository import ModelRepository, RepositoryError
 from serving.rpc import Admission, Handling, StreamReaders, generic_only
-from serving.runtime import DeviceError, resolve_device
-from serving.security import SecurityConfigError, TokenAuthInterceptor, read_token, server_credentials
+from serving.runtime import resolve_device
+from serving.security import TokenAuthInterceptor, read_token, server_credentials
 
 log = logging.getLogger("serving")
 
@@ -41,23 +41,13 @@ SERVICES = (
     classify_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
 )
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-STARTUP_ERRORS = (RepositoryError, DeviceError, SecurityConfigError, OSError, RuntimeError)
-LOG_FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
-
-Restore = tuple[dict[str, list[int]], list[str]]  # (name -> served versions, explicitly unloaded names)
 
 
 class Server:
-    """One process's server. `link` makes it a worker of the supervisor; `restore` (a restarted worker)
-    serves exactly what the other workers serve instead of scanning the repository afresh."""
+    """One process's server. `link` makes it worker number `worker` of the supervisor: it then serves the
+    repository state the supervisor commits in every worker, and leaves /metrics and --poll to it."""
 
-    def __init__(
-        self,
-        config: ServerConfig,
-        worker: int = 0,
-        link: Connection | None = None,
-        restore: Restore | None = None,
-    ) -> None:
+    def __init__(self, config: ServerConfig, worker: int = 0, link: Connection | None = None) -> None:
         self.config = config
         self.worker = worker
         self.metrics = Metrics(worker)
@@ -68,56 +58,81 @@ class Server:
         self.admission = Admission(config.max_concurrent_rpcs)  # shared by every API of this process
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._link = link
-        self._restore = restore
         self._control: LocalControl | WorkerControl | None = None
         self._grpc: grpc.aio.Server | None = None
         self._handlings: tuple[Handling, ...] = ()
         self._metrics_http = None
+        self._http: HttpFrontEnd | None = None
         self._poller: asyncio.Task | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
-        """Listen, load and warm the models, report SERVING; returns the gRPC port."""
+        """Listen, load and warm the models, report SERVING; returns the gRPC port (None for a worker
+        stopped before it joined)."""
         c = self.config
         await self._set_health(False)
         if self._link is not None:
             stop = lambda: asyncio.ensure_future(self.stop())  # noqa: E731 - the supervisor went away
             self._control = WorkerControl(self._link, self.repository, stop)
-            await self._load_models()
-            self._listen(reuse_port=True)
-            await self._grpc.start()
+            if not await self._control.join():
+                return self.port
+            freeze_startup_heap()
+            await self._open_front_ends(reuse_port=True)
             self._log_listening()
-            self._control.send(("ready", self.repository.served(), sorted(self.repository.unloaded)))
+            self._control.send(Listening())
             return self.port
         self._control = LocalControl(self.repository)
-        self._listen(reuse_port=False)
-        await self._grpc.start()
-        self._serve_metrics()
+        await self._open_front_ends(reuse_port=False)
+        if c.metrics_port >= 0:
+            self._metrics_http = serve_metrics(self.metrics.registry, c.metrics_host, c.metrics_port)
+            self.metrics_port = self._metrics_http.server_port
         self._log_listening()
-        await self._load_models()
+        await self.repository.poll()  # sets health SERVING once a model is loaded and warm
+        if problem := startup_problem(self.repository.state(), self.repository.root, c.poll_seconds):
+            raise RepositoryError(problem)
+        freeze_startup_heap()
         if c.poll_seconds:
-            self._poller = asyncio.create_task(self._poll_forever(c.poll_seconds))
+            self._poller = asyncio.create_task(every(c.poll_seconds, self._poll))
         return self.port
 
-    async def _load_models(self) -> None:
-        if self._restore is None:
-            await self.repository.poll()  # sets health SERVING once a model is loaded and warm
-        else:
-            served, unloaded = self._restore
-            plan = await self.repository.prepare_scan(served)
-            plan.unload = set(unloaded)
-            await self.repository.commit(plan)
-        if not self.repository.ready:
-            refused = self.repository.refusals()
-            if refused:  # models are there and none can be served: say so rather than idle NOT_SERVING
-                raise RepositoryError(f"no model could be loaded: {refused[0]}")
-            log.warning("event=no_models repo=%s", self.repository.root)
-        # What start-up built (modules, sessions: tens of thousands of objects) lives as long as the process:
-        # the cyclic garbage collector's full collections need not walk it again (benchmarks/serving.md).
-        gc.collect()
-        gc.freeze()
+    async def _poll(self) -> None:
+        try:
+            await self.repository.poll()
+        except OSError as e:  # the repository directory itself vanished or is unreadable: keep serving
+            log.error("event=poll_failed error=%r", str(e))
+
+    # -- front ends: each starts accepting requests here and stops in _close_front_ends --------------------
+    async def _open_front_ends(self, reuse_port: bool) -> None:
+        c = self.config
+        if not reuse_port:  # clean errors, before gRPC core logs its own about a taken port
+            for port in (c.port, c.http.http_port if c.http.enabled else 0):
+                if port:
+                    check_port(c.host, port)
+        self._listen(reuse_port)
+        await self._grpc.start()
+        if c.http.enabled:
+            # The HTTP/REST front end (serving.http): same repository, control, limits and metrics as gRPC.
+            self._http = HttpFrontEnd(
+                c, self.repository, self._control, self.metrics, self.provider, self.admission
+            )
+            self.http_port = await self._http.start(reuse_port)
+            self._handlings += self._http.handlings
+
+    async def _close_front_ends(self) -> None:
+        http_stopped = asyncio.ensure_future(self._http.stop()) if self._http else None  # beside gRPC's
+        if self._grpc is not None:
+            began = time.monotonic()
+            await self._grpc.stop(self.config.grace_seconds)
+            if time.monotonic() - began >= self.config.grace_seconds:
+                # gRPC cancels what it still holds. A call that gRPC core received but never handed to the
+                # servicers (rare, under load) also holds the grace period: its client gets UNAVAILABLE.
+                unanswered = sum(h.started - h.answered for h in self._handlings)
+                log.warning("event=grace_expired unanswered_requests=%d", unanswered)
+        if http_stopped is not None:
+            await http_stopped
 
     def _listen(self, reuse_port: bool) -> None:
         c = self.config
@@ -180,23 +195,16 @@ class Server:
             ("grpc.max_connection_age_grace_ms", grace_ms),
         ]
 
-    def _serve_metrics(self) -> None:
-        c = self.config
-        if c.metrics_port < 0:
-            return
-        try:
-            self._metrics_http = self.metrics.serve_http(c.metrics_host, c.metrics_port)
-        except OSError as e:
-            raise OSError(f"cannot serve metrics on {c.metrics_host}:{c.metrics_port}: {e.strerror}") from e
-        self.metrics_port = self._metrics_http.server_port
-
     def _log_listening(self) -> None:
         c = self.config
+        if self.metrics_port is not None:
+            metrics = f"{c.metrics_host}:{self.metrics_port}"
+        else:  # a worker's figures are on the supervisor's endpoint
+            metrics = "supervisor" if self._link is not None else "off"
         log.info(
-            "event=listening address=%s:%d tls=%s auth=%s metrics=%s provider=%s",
-            c.host, self.port, c.tls, "token" if c.auth_token_file else "off",
-            f"{c.metrics_host}:{self.metrics_port}" if self.metrics_port is not None else "supervisor",
-            self.provider,
+            "event=listening address=%s:%d http=%s tls=%s auth=%s metrics=%s provider=%s",
+            c.host, self.port, f"{c.host}:{self.http_port}" if self._http else "off", c.tls,
+            "token" if c.auth_token_file else "off", metrics, self.provider,
         )  # fmt: skip
 
     async def stop(self) -> None:
@@ -207,20 +215,13 @@ class Server:
         log.info("event=stopping grace_seconds=%s", self.config.grace_seconds)
         if self._poller:
             self._poller.cancel()
+        if isinstance(self._control, WorkerControl):
+            self._control.close()
         await self.health.enter_graceful_shutdown()
         self.streams.close()  # open streams answer what they have read, then end: none holds the grace
-        if self._grpc is not None:
-            began = time.monotonic()
-            await self._grpc.stop(self.config.grace_seconds)
-            if time.monotonic() - began >= self.config.grace_seconds:
-                # gRPC cancels what it still holds. A call that gRPC core received but never handed to the
-                # servicers (rare, under load) also holds the grace period: its client gets UNAVAILABLE.
-                unanswered = sum(h.started - h.answered for h in self._handlings)
-                log.warning("event=grace_expired unanswered_requests=%d", unanswered)
+        await self._close_front_ends()
         await self.repository.close()
-        if self._metrics_http:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+        stop_http(self._metrics_http)
         self._stopped.set()
         log.info(
             "event=stopped requests_started=%d requests_answered=%d",
@@ -239,68 +240,21 @@ class Server:
         for service in ("", *SERVICES):
             await self.health.set(service, status)
 
-    async def _poll_forever(self, seconds: float) -> None:
-        while True:
-            await asyncio.sleep(seconds)
-            try:
-                await self.repository.poll()
-            except OSError as e:  # the repository directory itself vanished or is unreadable: keep serving
-                log.error("event=poll_failed error=%r", str(e))
+
+def freeze_startup_heap() -> None:
+    """What start-up built (modules, sessions: tens of thousands of objects) lives as long as the process:
+    the cyclic garbage collector's full collections need not walk it again (benchmarks/serving.md)."""
+    gc.collect()
+    gc.freeze()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mnist-serve",
-        description="Serve the ONNX models of a Triton-layout repository over gRPC: the KServe v2 / Open "
-        "Inference Protocol (package inference) and the mnist.v1.Classifier image API, dynamically batched.",
-        formatter_class=HelpFormatter,
-    )
-    add_flags(p, ServerConfig)
-    return p
-
-
-def parse_args(argv: list[str] | None = None) -> ServerConfig:
-    """The command line as a checked ServerConfig; a bad value exits 2 with one usage line."""
-    parser = build_parser()
-    return build_config(parser, ServerConfig, parser.parse_args(argv))
-
-
-def configure_logging(level: str, worker: int | None = None) -> None:
-    fmt = LOG_FORMAT if worker is None else LOG_FORMAT.replace("%(message)s", f"worker={worker} %(message)s")
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
-
-
-async def serve(
-    config: ServerConfig, worker: int = 0, link: Connection | None = None, restore: Restore | None = None
-) -> None:
-    """Run one server process until SIGTERM/SIGINT has stopped it (see Server for worker, link, restore)."""
-    server = Server(config, worker, link, restore)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+async def serve(config: ServerConfig, worker: int = 0, link: Connection | None = None) -> None:
+    """Run one server process until SIGTERM/SIGINT has stopped it (see Server for worker and link)."""
+    server = Server(config, worker, link)
+    on_stop_signals(server.stop)
     try:
         await server.start()
     except BaseException:
         await server.stop()
         raise
     await server.wait_stopped()
-
-
-def main(argv: list[str] | None = None) -> None:
-    config = parse_args(argv)
-    configure_logging(config.log_level)
-    try:
-        workers = config.worker_count(resolve_device(config.runtime.device))
-        if workers == 1:
-            eventloop.run(serve(config))
-            return
-        from serving.supervisor import Supervisor  # only a supervising process needs it
-
-        raise SystemExit(Supervisor(config, workers).run())
-    except STARTUP_ERRORS as e:
-        print(f"mnist-serve: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

@@ -2,27 +2,32 @@
 
 Why processes: one Python server process spends most of a small request in its event loop and protobuf
 code, so one process is the ceiling whatever the machine; N processes scale with the cores. Each worker is
-today's whole server (serving.server.Server: servicers, batchers, ONNX Runtime sessions) listening on the
-same address with SO_REUSEPORT; the kernel hands each new TCP connection to one of them, so clients spread
+a whole server (serving.server.Server: servicers, batchers, ONNX Runtime sessions) listening on the same
+address with SO_REUSEPORT; the kernel hands each new TCP connection to one of them, so clients spread
 their load by opening several connections (docs/serving.md).
 
 The supervisor:
-- reserves the port (and refuses one that is taken), then starts the workers with the `spawn` method (never
-  fork after gRPC, ONNX Runtime or CUDA are initialised) and reports ready once every worker is SERVING;
-  a start-up error is one line and exit status 2;
+- reserves the ports, gRPC's and HTTP's (refusing one that another program listens on; the TIME_WAIT
+  connections a stopped server leaves do not count), starts the workers with the `spawn` method (never
+  fork after gRPC, ONNX Runtime or CUDA are initialised) and reports ready once every worker serves; a
+  start-up error is one line and exit status 2;
+- owns the repository state: it lists the repository once for every change (start-up, --poll, and
+  RepositoryModelLoad/Unload received by any worker) and makes the change in two phases (serving.control):
+  committed only if every live worker prepared the same state, otherwise aborted in every worker;
 - restarts a worker that dies (one log line with its exit code or signal; exponential back-off while it
-  keeps dying young), restoring exactly the versions the other workers serve;
-- keeps the repository consistent: RepositoryModelLoad/Unload received by any worker, and --poll, are
-  prepared in every worker before any commits (serving.control), so all workers serve the same versions
-  when the call returns; ModelStatistics sums every worker's figures;
+  keeps dying young); the new worker adopts the committed state before it listens, and one that cannot is
+  stopped and started again;
 - serves one /metrics for the whole server (prometheus-client multiprocess mode) plus per-worker CPU,
   liveness and restarts;
 - on SIGTERM/SIGINT has every worker drain within --grace, then exits 0 with no process left behind.
+
+The worker processes run the function the command gives it (serving.cli.run_worker): the supervisor never
+imports the server.
 """
 
 import asyncio
 import contextlib
-import ctypes
+import fcntl
 import itertools
 import logging
 import multiprocessing
@@ -30,31 +35,66 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import psutil
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from serving import eventloop
 from serving.config import ServerConfig
-from serving.control import error_from, merge_rows
-from serving.server import STARTUP_ERRORS, Restore, configure_logging, serve
+from serving.control import (
+    Abort,
+    Adopt,
+    Ask,
+    Change,
+    Command,
+    Commit,
+    Done,
+    Error,
+    Failed,
+    Listening,
+    LoadModel,
+    Prepare,
+    Prepared,
+    Reply,
+    Scan,
+    Started,
+    Statistics,
+    UnloadModel,
+    merge_rows,
+)
+from serving.process import (
+    check_port,
+    every,
+    listen_address,
+    on_stop_signals,
+    serve_metrics,
+    startup_problem,
+    stop_http,
+)
+from serving.repository import RepositoryState, list_models
 
 log = logging.getLogger("serving.supervisor")
 
 YOUNG_SECONDS = 30.0  # a worker that dies younger than this is crash-looping: back off further
 MAX_BACKOFF_SECONDS = 30.0
 GONE = object()  # what a command to a worker that died meanwhile returns
+METRICS_DIR_PREFIX = "mnist-serve-metrics-"
+STARTING_PREFIX = "mnist-serve-starting-"  # a metrics directory before its owner has locked it
+OWNER_LOCK = ".owner.lock"  # held (flock) by the supervisor that owns a metrics directory, while it lives
+
+WorkerMain = Callable[[ServerConfig, int, Connection], None]  # a worker process's entry point
 
 
 class StartupError(RuntimeError):
-    """A worker could not start; the message is the worker's own one-line reason."""
+    """The server could not start; the message is one line for the user."""
 
 
 @dataclass(eq=False)
@@ -63,7 +103,9 @@ class Worker:
     process: multiprocessing.Process
     link: Connection
     started: float = field(default_factory=time.monotonic)
-    ready: bool = False
+    reading: bool = False  # it said Started: it takes commands
+    joined: bool = False  # it serves the committed state: every change includes it
+    listening: bool = False
     pending: dict[int, asyncio.Future] = field(default_factory=dict)
 
     @property
@@ -77,22 +119,68 @@ def describe_exit(code: int | None) -> str:
     return f"exit_code={code}"
 
 
+def describe(change: Change) -> str:
+    if isinstance(change, LoadModel | UnloadModel):
+        return f"{type(change).__name__} model={change.name}"
+    return type(change).__name__
+
+
 def reserve_port(host: str, port: int) -> socket.socket:
-    """A bound, never listening SO_REUSEPORT socket on host:port: it keeps the port for the workers (and
-    picks one for port 0) while the kernel hands connections only to listening sockets."""
-    family, _, _, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    """A bound, never listening socket on host:port: it keeps the port for the workers (and picks one for
+    port 0), while the kernel hands connections only to listening sockets. A port another program listens
+    on is refused first. Like the workers' own listeners it takes SO_REUSEADDR, so that the TIME_WAIT
+    connections of a server that just stopped do not hold up a restart, and SO_REUSEPORT, which they share."""
     if port:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:  # without SO_REUSEPORT: fails if taken
-            try:
-                probe.bind(address)
-            except OSError as e:
-                raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        check_port(host, port)
+    family, address = listen_address(host, port)
     reservation = socket.socket(family, socket.SOCK_STREAM)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     reservation.bind(address)
     return reservation
+
+
+def remove_stale_metrics_directories() -> None:
+    """Remove the metrics directories of supervisors that died without removing theirs (SIGKILL): the lock
+    inside a directory is free once its owner is gone."""
+    for path in Path(tempfile.gettempdir()).glob(METRICS_DIR_PREFIX + "*"):
+        try:
+            with open(path / OWNER_LOCK) as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its owner lives (or it is no directory of ours)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("event=stale_metrics_removed path=%s", path)
+
+
+@contextlib.contextmanager
+def metrics_directory() -> Iterator[str]:
+    """A new directory for prometheus-client's multiprocess files, locked by this process, removed at exit."""
+    remove_stale_metrics_directories()
+    # Made under another name and renamed once locked: no other supervisor ever sees it unlocked.
+    staging = Path(tempfile.mkdtemp(prefix=STARTING_PREFIX))
+    with open(staging / OWNER_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path = staging.with_name(METRICS_DIR_PREFIX + staging.name.removeprefix(STARTING_PREFIX))
+        staging.rename(path)
+        try:
+            yield str(path)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def disagreement(prepared: list[Prepared]) -> Error:
+    """What to answer when workers prepared different states: the first error one of them reported, else
+    the first refusal that not all of them made."""
+    for p in prepared:
+        if p.error is not None:
+            return p.error
+    refusals = [p.state.refused for p in prepared]
+    for p in prepared:
+        for path, refusal in p.state.refused.items():
+            if any(other.get(path) != refusal for other in refusals):
+                return Error("INTERNAL", refusal.reason)
+    return Error("INTERNAL", "the worker processes prepared different repository states")
 
 
 class ServerCollector:
@@ -115,7 +203,9 @@ class ServerCollector:
             seconds, rss = self._usage(worker.pid) if worker and worker.process.is_alive() else (0.0, 0)
             total_cpu, total_rss = total_cpu + seconds, total_rss + rss
             cpu.add_metric([str(index)], seconds)
-            up.add_metric([str(index)], float(bool(worker and worker.ready and worker.process.is_alive())))
+            up.add_metric(
+                [str(index)], float(bool(worker and worker.listening and worker.process.is_alive()))
+            )
             restarts.add_metric([str(index)], s.restarts[index])
         yield cpu
         yield up
@@ -138,22 +228,25 @@ class ServerCollector:
 
 
 class Supervisor:
-    def __init__(self, config: ServerConfig, count: int) -> None:
+    def __init__(self, config: ServerConfig, count: int, worker_main: WorkerMain) -> None:
         self.config = config
         self.count = count
         self.workers: dict[int, Worker] = {}
         self.restarts = [0] * count
-        self.served: dict[str, list[int]] = {}
-        self.unloaded: list[str] = []
+        self.state: RepositoryState | None = None  # committed in every joined worker
+        self._worker_main = worker_main
+        self._root = config.repo.resolve()
         self._young_deaths = [0] * count
         self._ids = itertools.count()
         self._context = multiprocessing.get_context("spawn")
         self._change_lock: asyncio.Lock | None = None
         self._startup: asyncio.Future | None = None
+        self._announced = False
         self._stopping = False
         self._stopped: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
         self._metrics_dir = ""
+        self._httpd = None
         self._worker_config = config
         self._clean_exit = True
 
@@ -162,44 +255,54 @@ class Supervisor:
         return eventloop.run(self._run())
 
     async def _run(self) -> int:
-        loop = asyncio.get_running_loop()
         self._change_lock, self._stopped = asyncio.Lock(), asyncio.Event()
-        self._startup = loop.create_future()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: self._spawn_task(self._stop()))
+        self._startup = asyncio.get_running_loop().create_future()
+        on_stop_signals(self._stop)
         c = self.config
         if not c.repo.is_dir():
             raise StartupError(f"model repository {c.repo} is not a directory")
-        reservation = reserve_port(c.host, c.port)
-        port = reservation.getsockname()[1]
-        self._metrics_dir = tempfile.mkdtemp(prefix="mnist-serve-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir  # the spawned workers inherit it
-        httpd = None
+        reservations = self._reserve_ports()
         try:
-            httpd = self._serve_metrics()
-            self._worker_config = replace(c, port=port, metrics_port=-1, workers=1, poll_seconds=None)
-            for index in range(self.count):
-                self._start_worker(index, restore=None)
-            try:
-                await self._startup
-            except StartupError:
-                await self._stop()
-                raise
-            if self._stopping:  # a signal arrived during start-up
+            with metrics_directory() as self._metrics_dir:
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir  # the spawned workers inherit it
+                self._httpd = self._serve_metrics()
+                ports = {end: reservation.getsockname()[1] for end, reservation in reservations.items()}
+                http = replace(c.http, http_port=ports.get("http", -1))
+                self._worker_config = replace(
+                    c, port=ports["grpc"], http=http, metrics_port=-1, workers=1, poll_seconds=None
+                )
+                for index in range(self.count):
+                    self._start_worker(index)
+                try:
+                    await self._startup
+                except StartupError:
+                    await self._stop()
+                    raise
+                if self._stopping:  # a signal arrived during start-up
+                    await self._stopped.wait()
+                    return 0
+                self._announce_ready()
+                if c.poll_seconds:
+                    self._spawn_task(every(c.poll_seconds, self._poll))
                 await self._stopped.wait()
-                return 0
-            metrics = f"{c.metrics_host}:{httpd.server_port}" if httpd else "off"
-            log.info("event=ready workers=%d address=%s:%d metrics=%s", self.count, c.host, port, metrics)
-            if c.poll_seconds:
-                self._spawn_task(self._poll_forever(c.poll_seconds))
-            await self._stopped.wait()
-            return 0 if self._clean_exit else 1
+                return 0 if self._clean_exit else 1
         finally:
-            if httpd is not None:
-                httpd.shutdown()
-                httpd.server_close()
-            reservation.close()
-            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            stop_http(self._httpd)
+            for reservation in reservations.values():
+                reservation.close()
+
+    def _reserve_ports(self) -> dict[str, socket.socket]:
+        """The ports every worker listens on, kept while the supervisor runs: {front end: reservation}. A
+        port another program listens on is one start-up error line, with nothing reserved."""
+        c = self.config
+        reservations = {"grpc": reserve_port(c.host, c.port)}
+        if c.http.enabled:  # the HTTP/REST front end (serving.http), shared by the workers like gRPC's
+            try:
+                reservations["http"] = reserve_port(c.host, c.http.http_port)
+            except OSError:
+                reservations["grpc"].close()
+                raise
+        return reservations
 
     def _serve_metrics(self):
         c = self.config
@@ -208,18 +311,29 @@ class Supervisor:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self._metrics_dir)
         registry.register(ServerCollector(self))
-        try:
-            httpd, _ = start_http_server(c.metrics_port, addr=c.metrics_host, registry=registry)
-        except OSError as e:
-            raise OSError(f"cannot serve metrics on {c.metrics_host}:{c.metrics_port}: {e.strerror}") from e
-        return httpd
+        return serve_metrics(registry, c.metrics_host, c.metrics_port)
+
+    def _announce_ready(self) -> None:
+        """event=ready, once every worker listens and serves a model."""
+        listening = self._startup.done() and not self._stopping  # start-up sets it once every worker listens
+        if self._announced or not listening or not (self.state and self.state.served):
+            return
+        self._announced = True
+        c = self.config
+        port, http_port = self._worker_config.port, self._worker_config.http.http_port
+        http = f"{c.host}:{http_port}" if c.http.enabled else "off"
+        metrics = f"{c.metrics_host}:{self._httpd.server_port}" if self._httpd else "off"
+        log.info(
+            "event=ready workers=%d address=%s:%d http=%s metrics=%s",
+            self.count, c.host, port, http, metrics,
+        )  # fmt: skip
 
     # -- workers ----------------------------------------------------------------------------------------
-    def _start_worker(self, index: int, restore: Restore | None) -> None:
+    def _start_worker(self, index: int) -> None:
         ours, theirs = self._context.Pipe()
         process = self._context.Process(
-            target=run_worker,
-            args=(self._worker_config, index, theirs, restore),
+            target=self._worker_main,
+            args=(self._worker_config, index, theirs),
             name=f"mnist-serve-worker-{index}",
         )
         process.start()
@@ -237,27 +351,27 @@ class Supervisor:
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(worker.link.fileno())
             return
-        kind = message[0]
-        if kind == "ready":
-            worker.ready = True
-            served, unloaded = message[1], message[2]
-            if not self._startup.done():
-                self.served, self.unloaded = served, unloaded
-                if all(w.ready for w in self.workers.values()) and len(self.workers) == self.count:
-                    self._startup.set_result(None)
-            elif (served, unloaded) != (self.served, self.unloaded):  # a change committed while it started
-                self._spawn_task(self._resync(worker))
-        elif kind == "failed":
-            if not self._startup.done():
-                self._startup.set_exception(StartupError(message[1]))
-            else:
-                log.error("event=worker_failed worker=%d error=%r", worker.index, message[1])
-        elif kind == "ask":
-            self._spawn_task(self._answer(worker, message[1], message[2], message[3]))
-        elif kind == "done":
-            future = worker.pending.pop(message[1], None)
+        if isinstance(message, Done):
+            future = worker.pending.pop(message.id, None)
             if future is not None and not future.done():
-                future.set_result(message[2])
+                future.set_result(message.value)
+        elif isinstance(message, Ask):
+            self._spawn_task(self._answer(worker, message))
+        elif isinstance(message, Started):
+            worker.reading = True
+            if self.state is not None:
+                self._spawn_task(self._join(worker))
+            elif len(self.workers) == self.count and all(w.reading for w in self.workers.values()):
+                self._spawn_task(self._first_change())
+        elif isinstance(message, Listening):
+            worker.listening = True
+            if not self._startup.done() and all(w.listening for w in self.workers.values()):
+                self._startup.set_result(None)
+        elif isinstance(message, Failed):
+            if not self._startup.done():
+                self._startup.set_exception(StartupError(message.message))
+            else:
+                log.error("event=worker_failed worker=%d error=%r", worker.index, message.message)
 
     def _on_exit(self, worker: Worker) -> None:
         loop = asyncio.get_running_loop()
@@ -299,54 +413,119 @@ class Supervisor:
         await asyncio.sleep(delay)
         if not self._stopping:
             self.restarts[index] += 1
-            self._start_worker(index, restore=(self.served, self.unloaded))
+            self._start_worker(index)
 
-    # -- commands to every worker -------------------------------------------------------------------------
-    def _command(self, worker: Worker, op: str, argument) -> asyncio.Future:
+    # -- commands to workers ------------------------------------------------------------------------------
+    def _command(self, worker: Worker, action) -> asyncio.Future:
         key = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         worker.pending[key] = future
         try:
-            worker.link.send(("do", key, op, argument))
+            worker.link.send(Command(key, action))
         except OSError:
             future.set_result(GONE)
         return future
 
-    async def _broadcast(self, op: str, argument, workers: list[Worker] | None = None) -> dict[int, object]:
-        targets = [w for w in (workers or list(self.workers.values())) if w.ready]
-        futures = {w.index: self._command(w, op, argument) for w in targets}
-        results = {index: await future for index, future in futures.items()}
-        return {index: result for index, result in results.items() if result is not GONE}
+    async def _tell(self, workers: list[Worker], action) -> dict[Worker, object]:
+        """Have each worker do `action`; their answers, in worker order, without those that died meanwhile."""
+        futures = {w: self._command(w, action) for w in sorted(workers, key=lambda w: w.index)}
+        answers = {w: await future for w, future in futures.items()}
+        return {w: answer for w, answer in answers.items() if answer is not GONE}
 
-    async def _change(self, what: tuple, workers: list[Worker] | None = None) -> dict[int, object]:
-        """Prepare `what` in every worker, then commit it in every worker; returns each one's outcome."""
+    async def _two_phase(
+        self,
+        change: Change,
+        workers: list[Worker] | None = None,
+        accept: Callable[[RepositoryState], Error | None] | None = None,
+    ) -> Error | None:
+        """Prepare `change` in `workers` (default: every joined one); commit it only if every one that is
+        still alive prepared the same state (and `accept` finds nothing against it), else abort it in all.
+        Returns what the RPC that asked for it answers. The caller holds the change lock."""
+        if workers is None:
+            workers = [w for w in self.workers.values() if w.joined]
+        prepared: dict[Worker, Prepared] = await self._tell(workers, Prepare(change))
+        if not prepared:
+            return Error("UNAVAILABLE", "no worker process is serving")
+        first = next(iter(prepared.values()))
+        if any(p.state != first.state for p in prepared.values()):
+            problem = disagreement(list(prepared.values()))
+        else:
+            problem = accept(first.state) if accept is not None else None
+        if problem is not None:
+            await self._tell(list(prepared), Abort())
+            log.error(
+                "event=change_aborted change=%s workers=%d error=%r",
+                describe(change), len(prepared), problem.message,
+            )  # fmt: skip
+            return problem
+        committed = await self._tell(list(prepared), Commit())
+        for worker in committed:
+            worker.joined = True
+        if first.state != self.state or isinstance(change, LoadModel | UnloadModel):
+            log.info("event=change_committed change=%s workers=%d", describe(change), len(committed))
+        self.state = first.state
+        self._announce_ready()
+        return first.error
+
+    async def _first_change(self) -> None:
+        """Start-up: every worker prepares the same listing; it is committed if they agree and it serves
+        something (or --poll may bring something), else start-up fails."""
         async with self._change_lock:
-            outcomes = await self._broadcast("prepare", what, workers)
-            committed = await self._broadcast("commit", None, workers)
-            if committed and workers is None:
-                self.served, self.unloaded = next(iter(committed.values()))
-            return outcomes
+            try:
+                listing = await asyncio.to_thread(list_models, self._root)
+            except OSError as e:
+                error = Error("INTERNAL", f"cannot read the model repository {self.config.repo}: {e}")
+            else:
+                error = await self._two_phase(Scan(listing), list(self.workers.values()), self._startable)
+        if error is not None and not self._startup.done():
+            self._startup.set_exception(StartupError(error.message))
 
-    async def _resync(self, worker: Worker) -> None:
-        await self._change(("restore", (self.served, self.unloaded)), [worker])
+    def _startable(self, state: RepositoryState) -> Error | None:
+        problem = startup_problem(state, self.config.repo, self.config.poll_seconds)
+        return None if problem is None else Error("FAILED_PRECONDITION", problem)
 
-    async def _answer(self, worker: Worker, key: int, op: str, argument) -> None:
-        if op == "statistics":
-            per_worker = await self._broadcast("statistics", argument)
-            payload = (None, merge_rows(list(per_worker.values())))
-        else:  # load | unload
-            outcomes = await self._change((op, argument))
-            error = outcomes.get(worker.index, next(iter(outcomes.values()), None))
-            payload = (error, None)
+    async def _join(self, worker: Worker) -> None:
+        """A restarted worker adopts the committed state before it listens; one that cannot is stopped
+        (and started again after a back-off)."""
+        async with self._change_lock:
+            state = self.state
+
+            def same(prepared: RepositoryState) -> Error | None:
+                if prepared == state:
+                    return None
+                return disagreement([Prepared(prepared, None), Prepared(state, None)])
+
+            error = await self._two_phase(Adopt(state), [worker], same)
+        if error is not None and not self._stopping:
+            log.error("event=worker_failed worker=%d error=%r", worker.index, error.message)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
+
+    async def _answer(self, worker: Worker, ask: Ask) -> None:
+        request = ask.request
+        try:
+            if isinstance(request, Statistics):
+                per_worker = await self._tell([w for w in self.workers.values() if w.joined], request)
+                reply = Reply(ask.id, None, merge_rows(list(per_worker.values())))
+            else:
+                async with self._change_lock:
+                    if isinstance(request, LoadModel):  # listed now, under the lock: what is on disk now
+                        listing = await asyncio.to_thread(list_models, self._root, [request.name])
+                        request = replace(request, listing=listing)
+                    reply = Reply(ask.id, await self._two_phase(request))
+        except OSError as e:  # the repository could not be listed
+            reply = Reply(ask.id, Error("INTERNAL", f"cannot read the model repository: {e}"))
         with contextlib.suppress(OSError):
-            worker.link.send(("answer", key, payload))
+            worker.link.send(reply)
 
-    async def _poll_forever(self, seconds: float) -> None:
-        while True:
-            await asyncio.sleep(seconds)
-            outcomes = await self._change(("scan", None))
-            for error in filter(None, outcomes.values()):
-                log.error("event=poll_failed error=%r", str(error_from(error)))
+    async def _poll(self) -> None:
+        async with self._change_lock:
+            try:
+                listing = await asyncio.to_thread(list_models, self._root)
+            except OSError as e:  # the repository directory itself vanished or is unreadable: keep serving
+                log.error("event=poll_failed error=%r", str(e))
+                return
+            await self._two_phase(Scan(listing))
 
     # -- shutdown ---------------------------------------------------------------------------------------
     async def _stop(self) -> None:
@@ -383,30 +562,3 @@ class Supervisor:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-# -- the worker process ---------------------------------------------------------------------------------
-def _die_with_supervisor() -> None:
-    """Linux: the kernel sends this process SIGTERM if the supervisor dies, even by SIGKILL: no orphans."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def run_worker(config: ServerConfig, index: int, link: Connection, restore: Restore | None) -> None:
-    """Entry point of a worker process (spawned): one whole server on the shared port."""
-    _die_with_supervisor()
-    configure_logging(config.log_level, index)
-    try:
-        eventloop.run(serve(config, index, link, restore))
-    except STARTUP_ERRORS as e:
-        _report_failure(link, str(e))
-    except Exception as e:  # anything else: one line to the supervisor, not a traceback per worker
-        log.debug("worker failed", exc_info=True)
-        _report_failure(link, f"{type(e).__name__}: {e}")
-
-
-def _report_failure(link: Connection, message: str) -> None:
-    with contextlib.suppress(OSError):
-        link.send(("failed", message))
-    sys.exit(2)

@@ -21,6 +21,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.config import HttpOptions
 from serving.proto.inference import grpc_service_pb2_grpc
 from serving.proto.mnist.v1 import classify_pb2_grpc
 from serving.runtime import RuntimeOptions
@@ -89,6 +90,10 @@ class RunningServer:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.http_port}"
+
+    @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
 
@@ -117,6 +122,7 @@ def local_config(repo: Path, **overrides) -> ServerConfig:
         host="127.0.0.1",
         port=0,
         metrics_port=0,
+        http=HttpOptions(http_port=0),
         runtime=RuntimeOptions(device="cpu"),
         grace_seconds=5.0,
     )

@@ -30,9 +30,10 @@ import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
 from serving.channels import SERVICE_CONFIG
+from serving.cli import parse_args
 from serving.config import ServerConfig
 from serving.metrics import Metrics
-from serving.server import SERVICES, parse_args
+from serving.server import SERVICES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -142,13 +143,13 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def build_stages() -> dict[str, list[tuple[str, str]]]:
-    """The instructions of each build stage, by stage name."""
+    """The instructions of each build stage, by stage name, after those of the stage it starts FROM."""
     stages: dict[str, list[tuple[str, str]]] = {}
     name = None
     for instruction, args in dockerfile_instructions():
         if instruction == "FROM":
-            name = args.split()[-1]
-            stages[name] = []
+            parent, name = args.split()[0], args.split()[-1]
+            stages[name] = list(stages.get(parent, []))
         elif name is not None:
             stages[name].append((instruction, args))
     return stages
@@ -244,6 +245,10 @@ def server_contract_problems(target: dict) -> list[str]:
         for p in grpc_ports
         if p["containerPort"] != config.port
     ]
+    if "http" in ports and ports["http"]["containerPort"] != config.http.http_port:
+        problems.append(
+            f"container port http: {ports['http']['containerPort']}, not --http-port {config.http.http_port}"
+        )
     if "metrics" in ports and ports["metrics"]["containerPort"] != config.metrics_port:
         problems.append(
             f"container port metrics is {ports['metrics']['containerPort']}, not {config.metrics_port}"
@@ -562,6 +567,32 @@ def test_kserve_resources_validate_against_their_schemas(kserve_docs, tmp_path):
     assert "livenesProbe" in k8s_errors(bad_pod, K8S_VERSIONS[-1])
 
 
+SCRIPTS = [DEPLOY / "build-image.sh", DEPLOY / "debian-base.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_build_scripts_explain_themselves_and_refuse_bad_options(script):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(script), *args], capture_output=True, text=True, check=False, timeout=30
+        )
+
+    usage = run("--help")
+    assert usage.returncode == 0 and f"deploy/{script.name}" in usage.stdout, usage.stderr
+    options = re.findall(r"^\s+--([a-z-]+)\)", script.read_text(), flags=re.M)  # what the parser accepts
+    assert len(options) >= 3 and all(f"--{o}" in usage.stdout for o in options), (options, usage.stdout)
+    bad = run("--no-such-option")
+    assert bad.returncode == 2 and f"{script.name}: error: unknown" in bad.stderr, bad.stderr
+
+
+def test_ci_scripts_parse():
+    scripts = [*SCRIPTS, *(p for p in (ROOT / ".ci").iterdir() if p.suffix != ".py")]
+    assert len(scripts) >= 5
+    for script in scripts:
+        done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, f"{script}: {done.stderr}"
+
+
 def test_dockerfile_lints_clean_with_hadolint(tmp_path):
     hadolint = tool("hadolint")
     if hadolint is None:
@@ -587,18 +618,19 @@ def test_dockerfile_lints_clean_with_hadolint(tmp_path):
 # ------------------------------------------------------------------------- promises checked against code
 
 
-def test_image_runs_mnist_serve_as_the_issue_says():
+def test_images_run_mnist_serve_from_the_locked_serving_install():
     entrypoint = image_entrypoint()
     assert entrypoint[0] == "mnist-serve"
     config = server_config(entrypoint[1:])
-    assert (config.repo, config.port, config.metrics_host, config.metrics_port) == (
-        Path("/mnt/models"), 8001, "0.0.0.0", 8002,
+    assert (config.repo, config.port, config.http.http_port, config.metrics_host, config.metrics_port) == (
+        Path("/mnt/models"), 8001, 8000, "0.0.0.0", 8002,
     )  # fmt: skip
 
     stages = build_stages()
     for stage in ("cpu", "cuda"):
         instructions = dict(stages[stage])  # the last of each kind
-        assert set(instructions["EXPOSE"].split()) == {str(config.port), str(config.metrics_port)}
+        exposed = {str(p) for p in (config.port, config.http.http_port, config.metrics_port)}
+        assert set(instructions["EXPOSE"].split()) == exposed
         user = instructions["USER"].split(":")
         assert all(part.isdigit() and int(part) > 0 for part in user), "numeric non-root user (runAsNonRoot)"
         assert instructions["STOPSIGNAL"] == "SIGTERM"
@@ -608,16 +640,25 @@ def test_image_runs_mnist_serve_as_the_issue_says():
             "final stages copy built files only"
         )
 
-    args = [a for i, a in dockerfile_instructions() if i == "ARG"]
+    instructions = dockerfile_instructions()
+    args = [a for i, a in instructions if i == "ARG"]
     assert any(re.fullmatch(r"PYTHON_IMAGE=python:3\.1[1-9]-slim(-\w+)?", a) for a in args), args
-    cuda_base = r"CUDA_IMAGE=nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu24\.04"
-    assert any(re.fullmatch(cuda_base, a) for a in args), args
-    runs = [a for i, a in dockerfile_instructions() if i == "RUN"]
+    # One Python base for both images: CUDA and cuDNN come from PyPI, not from a CUDA base image.
+    bases = {a.split()[0] for i, a in instructions if i == "FROM"}
+    assert bases <= {"${PYTHON_IMAGE}", *stages}, bases
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    for extra, stage in (("cpu", "cpu-venv"), ("gpu", "cuda-venv")):
-        assert any(f'"${{wheel}}[{extra}]"' in a for i, a in stages[stage] if i == "RUN"), stage
-        assert extra in extras, f"pyproject.toml has no {extra} extra"
-    assert not any(re.search(r"\btorch\b", a) for a in runs), "the image never installs torch"
+    installs = {"cpu-venv": ['".[cpu]"'], "cuda-venv": ['".[gpu]"', '"onnxruntime-gpu[cuda,cudnn]"']}
+    for stage, requirements in installs.items():
+        pip = [a for i, a in stages[stage] if i == "RUN" and "pip install" in a]
+        assert len(pip) == 1 and all(r in pip[0] for r in requirements), (stage, pip)
+        assert "--mount=type=secret,id=pip-ca" in pip[0], "pip's CA bundle is a build secret, never a layer"
+        assert ("ENV", "PIP_CONSTRAINT=/src/constraints.txt") in [
+            (i, a.split()[0]) for i, a in stages[stage]
+        ], "every version from the lock file"
+    assert {"cpu", "gpu"} <= set(extras)
+    runs = [a for i, a in instructions if i == "RUN"]
+    assert not any(re.search(r"\b(torch|matplotlib|tqdm)\b", a) for a in runs), "serving packages only"
+    assert not any(i in ("COPY", "ADD") and re.search(r"\.(crt|pem)\b", a) for i, a in instructions)
 
 
 def test_dockerignore_sends_only_what_the_build_copies():
@@ -677,6 +718,7 @@ def _set_probe_service(service: str):
 POD_BREAKAGES = {
     "container port differs from --port": lambda c: c["ports"][0].update(containerPort=9001),
     "server listens elsewhere": _set_arg("--port", "9001"),
+    "HTTP listens elsewhere": _set_arg("--http-port", "9000"),
     "metrics only on loopback": _set_arg("--metrics-host", "127.0.0.1"),
     "grace longer than the termination period": _set_arg("--grace", "40"),
     "an option the server does not have": lambda c: c["args"].append("--no-such-option"),
@@ -707,7 +749,7 @@ CLUSTER_BREAKAGES = {
     ].update(name="mnist_requests"),
     "Service targets a port the pod lacks": lambda d: one(d, "Service", "mnist-serve")["spec"]["ports"][
         0
-    ].update(targetPort="http"),
+    ].update(targetPort="rest"),
     "headless Service on another port": lambda d: one(d, "Service", "mnist-serve-headless")["spec"]["ports"][
         0
     ].update(port=80),

@@ -13,11 +13,12 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving.cli import parse_args
+from serving.config import ServerConfig
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
 from serving.proto.mnist.v1 import classify_pb2 as cpb
 from serving.proto.mnist.v1 import classify_pb2_grpc
-from serving.server import ServerConfig, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "0123456789abcdef-token"

@@ -9,10 +9,11 @@ import pytest
 
 from serving import client
 from serving.bench.cli import build_parser as bench_parser
+from serving.bench.cli import parse_args as parse_bench_args
+from serving.cli import build_parser as serve_parser
+from serving.cli import parse_args
 from serving.config import ServerConfig
 from serving.runtime import RuntimeOptions
-from serving.server import build_parser as serve_parser
-from serving.server import parse_args
 
 
 def test_runtime_flags_reach_runtime_options():
@@ -60,7 +61,8 @@ def numeric_flags(parser: argparse.ArgumentParser) -> list[str]:
     return sorted(
         action.option_strings[0]
         for action in parser._actions
-        if action.option_strings and getattr(action.type, "__name__", "") in ("int", "float", "int list")
+        if action.option_strings
+        and getattr(action.type, "__name__", "") in ("int", "float", "int list", "float list")
     )
 
 
@@ -71,19 +73,21 @@ VALUES = ("0", "-1", HUGE, "1e309", "nan", "seven")
 SERVE_ACCEPTS = {
     "--port": {"0"},
     "--metrics-port": {"0", "-1"},
+    "--http-port": {"0", "-1"},
     "--intra-op-threads": {"0"},
     "--inter-op-threads": {"0"},
     "--max-queue-delay-us": {"0"},
     "--grace": {"0"},
 }
 PREDICT_ACCEPTS: dict[str, set[str]] = {}
-BENCH_ACCEPTS = {"--requests": {"0"}, "--warmup": {"0"}, "--seed": {"0"}}
+BENCH_ACCEPTS = {"--requests": {"0"}, "--warmup": {"0"}, "--seed": {"0"}, "--retries": {"0"}}
 
 
 def test_every_numeric_flag_is_in_the_tables():
     assert set(numeric_flags(serve_parser())) >= set(SERVE_ACCEPTS)
     assert numeric_flags(serve_parser()) == [
-        "--batch-buckets", "--grace", "--inter-op-threads", "--intra-op-threads", "--max-batch-size",
+        "--batch-buckets", "--grace", "--http-port", "--http-read-timeout",
+        "--inter-op-threads", "--intra-op-threads", "--max-batch-size",
         "--max-concurrent-rpcs", "--max-connection-age", "--max-image-bytes", "--max-image-pixels",
         "--max-images-per-request", "--max-message-bytes", "--max-pending-rpcs", "--max-queue-delay-us",
         "--max-queue-images", "--max-streams",
@@ -127,13 +131,54 @@ def test_mnist_predict_checks_every_numeric_flag(flag, value, capsys, tmp_path):
 def test_mnist_bench_checks_every_numeric_flag(flag, value, capsys):
     argv = ["--server", "127.0.0.1:1", flag, value]
     if value in BENCH_ACCEPTS.get(flag, set()):
-        assert bench_parser().parse_args(argv)
+        assert parse_bench_args(argv)
         return
     with pytest.raises(SystemExit) as exit_info:
-        bench_parser().parse_args(argv)
+        parse_bench_args(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert one_error_line(err, "mnist-bench") and flag in err, err
+
+
+def test_every_bench_numeric_flag_is_checked():
+    assert numeric_flags(bench_parser()) == [
+        "--ceiling-batch-sizes", "--concurrency", "--connections", "--duration", "--images-per-request",
+        "--late-ms", "--procs", "--rate", "--repeat", "--requests", "--retries", "--seed", "--streams",
+        "--timeout", "--warmup",
+    ]  # fmt: skip
+
+
+def options(parser: argparse.ArgumentParser) -> set[str]:
+    """The options --help lists."""
+    return {o for a in parser._actions if a.help != argparse.SUPPRESS for o in a.option_strings}
+
+
+def test_the_same_setting_has_the_same_flag_in_every_client():
+    shared = {"--server", "--model", "--model-version", "--timeout", "--auth-token-file", "--tls", "--tls-ca",
+              "--tls-cert", "--tls-key", "--tls-server-name"}  # fmt: skip
+    assert shared <= options(client.build_parser()) and shared <= options(bench_parser())
+    assert "--auth-token-file" in options(serve_parser())  # the server's name for the same file
+    assert not {"--token-file", "--version"} & (options(client.build_parser()) | options(bench_parser()))
+
+
+def test_former_flag_names_still_work(tmp_path):
+    token = tmp_path / "token"
+    predict = client.build_parser().parse_args(["a.png", "--version", "2", "--token-file", str(token)])
+    assert (predict.model_version, predict.auth_token_file) == ("2", token)
+    bench, _ = parse_bench_args(["--server", "h:1", "--token-file", str(token), "--no-progress"])
+    assert bench.security.auth_token_file == token and not bench.output.progress
+
+
+@pytest.mark.parametrize("parser", [serve_parser, client.build_parser, bench_parser])
+def test_every_flag_with_a_default_says_it_in_the_help(parser):
+    p = parser()
+    formatter = p._get_formatter()
+    for action in p._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.default is None:
+            continue
+        if action.default is False or action.default in ("", (), argparse.SUPPRESS):
+            continue  # off, empty: nothing to say
+        assert "default" in formatter._get_help_string(action), action.option_strings
 
 
 def test_predict_flags_are_in_the_table():

@@ -43,10 +43,11 @@ def add_version(repo: Path, version: int, model_bytes: bytes) -> None:
     staging.rename(repo / "mnist" / str(version))
 
 
-def test_health_follows_model_availability(start_server, repo: Path, tmp_path: Path) -> None:
+def test_health_follows_model_availability(start_server, repo: Path, tmp_path: Path, caplog) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     running = start_server(empty, poll_seconds=0.1)
+    assert any("event=no_models" in r.getMessage() for r in caplog.records)  # it says it waits for one
     with running.channel() as channel:
         health = health_pb2_grpc.HealthStub(channel)
         kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -117,6 +118,30 @@ def test_hot_reload_swaps_versions_without_failing_requests(start_server, repo: 
     assert errors == [] and versions == {"1", "2"}
 
 
+def test_an_explicit_load_tries_a_refused_file_again(start_server, repo: Path, tmp_path: Path) -> None:
+    # Version 2 is refused for a reason outside the file (a link leading out of the repository). Once the
+    # link leads inside, to a file of the same size and time, only an explicit load looks at it again.
+    outside = tmp_path / "outside.onnx"
+    shutil.copy2(repo / "mnist" / "1" / "model.onnx", outside)
+    (repo / "mnist" / "2").mkdir()
+    (repo / "mnist" / "2" / "model.onnx").symlink_to(outside)
+    running = start_server(repo)
+    with running.channel() as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ModelInfer(infer_request()).model_version == "1"
+        (repo / "mnist" / "2" / "model.onnx").unlink()
+        (repo / "mnist" / "2" / "model.onnx").symlink_to(repo / "mnist" / "1" / "model.onnx")
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="mnist"))
+        assert stub.ModelInfer(infer_request()).model_version == "2"
+
+
+def test_a_server_without_metrics_says_so(start_server, repo: Path, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    start_server(repo, metrics_port=-1)
+    (listening,) = [r.getMessage() for r in caplog.records if "event=listening" in r.getMessage()]
+    assert "metrics=off" in listening
+
+
 def test_names_and_symlinks_escaping_the_repository_are_refused(
     start_server, repo: Path, tmp_path: Path
 ) -> None:
@@ -150,7 +175,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(repo: Path, tmp_path
     log_path = tmp_path / "server.log"
     command = [str(Path(sys.executable).with_name("mnist-serve")), "--repo", str(repo), "--host", "127.0.0.1"]
     command += ["--port", "0", "--metrics-port", "0", "--max-queue-delay-us", "2000000", "--grace", "10"]
-    command += ["--workers", "1"]
+    command += ["--workers", "1", "--http-port", "0"]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -1,5 +1,6 @@
 """The two served APIs as the load generator sees them: a method path, pre-serialized requests, and a
-decoder that turns a raw response back into probabilities so every answer can be checked.
+decoder that turns a raw response back into probabilities so every answer can be checked. Over gRPC here;
+over HTTP in serving.bench.rest.
 
 Requests are serialized once, before the run: the hot loop only sends bytes and keeps the reply bytes.
 """
@@ -10,7 +11,9 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from serving.bench import rest
 from serving.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
+from serving.errors import RequestError
 from serving.proto.inference import grpc_service_pb2 as kserve_pb2
 from serving.proto.mnist.v1 import classify_pb2
 
@@ -27,15 +30,22 @@ class BadResponse(Exception):
     """A reply that arrived with gRPC status OK but is not a valid answer; args[0] is the status to count."""
 
 
+class InBandError(BadResponse):
+    """A stream's reply that carries the server's error for that request; args[0] is its status name."""
+
+
 @dataclass(frozen=True)
 class Workload:
-    """Pre-built requests: requests[i] carries the digits labels[i] (images_per_request of them)."""
+    """Pre-built requests: requests[i] carries the digits labels[i] (images_per_request of them). Over gRPC
+    `method` is the RPC's path and a request its serialized message; over HTTP (serving.bench.rest), the
+    endpoint's path and a request its body and headers."""
 
     method: str
     stream: bool
     api: str
-    requests: tuple[bytes, ...]
+    requests: tuple
     labels: tuple[np.ndarray, ...]
+    protocol: str = "grpc"
 
 
 def build_workload(
@@ -47,17 +57,28 @@ def build_workload(
     labels: np.ndarray,
     images_per_request: int,
     pool_size: int = 512,
+    *,
+    protocol: str = "grpc",
+    http_tensors: str = "binary",
+    timeout_s: float | None = None,
 ) -> Workload:
-    """Cut `images` (uint8 [N,28,28]) into `pool_size` requests of consecutive digits, wrapping around."""
+    """Cut `images` (uint8 [N,28,28]) into `pool_size` requests of consecutive digits, wrapping around. Over
+    HTTP each request carries `timeout_s` as its deadline, and KServe tensors are `http_tensors` (binary or
+    json)."""
     count = len(images)
-    requests, request_labels = [], []
+    batches, request_labels = [], []
     for r in range(pool_size):
         idx = (np.arange(images_per_request) + r * images_per_request) % count
-        batch = np.ascontiguousarray(images[idx], dtype=np.uint8)
-        build = _kserve_request if api == "kserve" else _classify_request
-        requests.append(build(model, version, batch, f"{r}"))
+        batches.append(np.ascontiguousarray(images[idx], dtype=np.uint8))
         request_labels.append(labels[idx].astype(np.int64))
-    return Workload(METHODS[(api, stream)], stream, api, tuple(requests), tuple(request_labels))
+    if protocol == "http":
+        method = rest.path(api, model, version, timeout_s)
+        requests = rest.build_requests(api, batches, http_tensors, timeout_s)
+    else:
+        method = METHODS[(api, stream)]
+        build = _kserve_request if api == "kserve" else _classify_request
+        requests = [build(model, version, batch, f"{r}") for r, batch in enumerate(batches)]
+    return Workload(method, stream, api, tuple(requests), tuple(request_labels), protocol)
 
 
 def _kserve_request(model: str, version: str, batch: np.ndarray, rid: str) -> bytes:
@@ -82,11 +103,13 @@ def _classify_request(model: str, version: str, batch: np.ndarray, rid: str) -> 
     ).SerializeToString()
 
 
-def decode(api: str, stream: bool, reply: bytes) -> tuple[np.ndarray, str]:
+def decode(workload: Workload, reply) -> tuple[np.ndarray, str]:
     """(probabilities float32 [n,10], reply id) from a raw reply; BadResponse for errors and garbage."""
     try:
-        return _decode(api, stream, reply)
-    except (DecodeError, ValueError) as error:
+        if workload.protocol == "http":
+            return rest.decode(workload.api, reply)
+        return _decode(workload.api, workload.stream, reply)
+    except (DecodeError, ValueError, KeyError, TypeError, RequestError) as error:
         raise BadResponse("UNDECODABLE_RESPONSE") from error
 
 
@@ -95,7 +118,7 @@ def _decode(api: str, stream: bool, reply: bytes) -> tuple[np.ndarray, str]:
         if stream:
             wrapped = kserve_pb2.ModelStreamInferResponse.FromString(reply)
             if wrapped.error_message:
-                raise BadResponse(_kserve_stream_status(wrapped.error_message))
+                raise InBandError(_kserve_stream_status(wrapped.error_message))
             response = wrapped.infer_response
         else:
             response = kserve_pb2.ModelInferResponse.FromString(reply)
@@ -109,7 +132,7 @@ def _decode(api: str, stream: bool, reply: bytes) -> tuple[np.ndarray, str]:
     if stream:
         wrapped = classify_pb2.ClassifyStreamResponse.FromString(reply)
         if wrapped.WhichOneof("result") == "error":
-            raise BadResponse(_code_name(wrapped.error.code))
+            raise InBandError(_code_name(wrapped.error.code))
         response = wrapped.response
     else:
         response = classify_pb2.ClassifyResponse.FromString(reply)

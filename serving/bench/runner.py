@@ -1,16 +1,19 @@
 """Run one load level on the generator processes and read the server at the edges of its window."""
 
+import contextlib
 import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
-
-from tqdm import tqdm
+from typing import Any
 
 from serving.bench import loadgen
 from serving.bench.loadgen import RunResult, RunSpec
-from serving.bench.server_metrics import Sample, ServerSplit, scrape
+from serving.bench.rest import server_counts_as_http
+from serving.bench.server_metrics import SCRAPE_ERRORS, Sample, ServerSplit, requests_by_status, scrape
 
 
 def split_spec(spec: RunSpec, procs: int) -> list[RunSpec]:
@@ -71,10 +74,23 @@ class Probe:
         return future
 
 
+@dataclass
+class LevelRun:
+    """One level's figures: the generators' merged result, the server's split over the measured window,
+    and the requests the server counted by status over the whole level (warm-up and drain included: the
+    same requests as RunResult.all_attempts). None where the server has no metrics to read."""
+
+    result: RunResult
+    split: ServerSplit | None
+    server_status: Counter | None
+
+
 def run_level(
     pool: ProcessPoolExecutor, procs: int, spec: RunSpec, probe: Probe, label: str, progress: bool = True
-) -> tuple[RunResult, ServerSplit | None]:
-    """Run one level on the generator processes; read the server's metrics at the window edges."""
+) -> LevelRun:
+    """Run one level on the generator processes; read the server's metrics at the window edges, and its
+    request counts before the first send and after the last answer."""
+    level_before = _read_or_none(probe) if probe.metrics_urls else None
     start_at = time.time() + 0.3
     futures = [pool.submit(loadgen.run, s) for s in split_spec(replace(spec, start_at=start_at), procs)]
     begin = start_at + spec.warmup_s
@@ -82,16 +98,47 @@ def run_level(
     before = probe.read_at(begin) if probe.active else None
     after = probe.read_at(end) if probe.active and end else None
     total = spec.warmup_s + (spec.duration_s if end else 0)
-    progress = progress and sys.stderr.isatty()  # a bar redrawn into a log file is noise
-    with tqdm(total=round(total, 1) or None, desc=f"{label} {spec.level.label}", unit="s", leave=False,
-              disable=not progress, bar_format="{desc}: {bar} {n:.1f}/{total}s") as bar:  # fmt: skip
+    with progress_bar(progress, total, f"{label} {spec.level.label}") as bar:
         while not all(f.done() for f in futures):
-            now = time.time()
-            bar.n = round(min(max(0.0, now - start_at), total or now - start_at), 1)
-            bar.refresh()
+            if bar is not None:
+                now = time.time()
+                bar.n = round(min(max(0.0, now - start_at), total or now - start_at), 1)
+                bar.refresh()
             wait(futures, timeout=0.1)
     result = RunResult.merge([f.result() for f in futures])
-    if before is None:
-        return result, None
-    (t0, first), (t1, last) = before.result(), after.result() if after else probe.read()
-    return result, ServerSplit.between(first, last, t1 - t0)
+    split = served = None
+    try:  # a server that went away during the level has no figures to give: the caller says why
+        if before is not None:
+            (t0, first), (t1, last) = before.result(), after.result() if after else probe.read()
+            split = ServerSplit.between(first, last, t1 - t0)
+        if level_before is not None:
+            protocol = spec.workload.protocol
+            served = requests_by_status(level_before, probe.read()[1], protocol)
+            if protocol == "http":  # in the generator's words: HTTP statuses
+                served = server_counts_as_http(served, result.all_attempts)
+    except SCRAPE_ERRORS:
+        pass
+    return LevelRun(result, split, served)
+
+
+@contextlib.contextmanager
+def progress_bar(wanted: bool, total: float, desc: str) -> Iterator[Any]:
+    """A tqdm bar on a terminal; None into a log file (a redrawn bar is noise there) or without the bench
+    extra, which brings tqdm: the run is the same without it."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        wanted = False
+    if not (wanted and sys.stderr.isatty()):
+        yield None
+        return
+    with tqdm(total=round(total, 1) or None, desc=desc, unit="s", leave=False,
+              bar_format="{desc}: {bar} {n:.1f}/{total}s") as bar:  # fmt: skip
+        yield bar
+
+
+def _read_or_none(probe: Probe) -> Sample | None:
+    try:
+        return probe.read()[1]
+    except SCRAPE_ERRORS:
+        return None

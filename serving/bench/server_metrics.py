@@ -5,14 +5,19 @@ the histogram sums and counts gives the means over exactly that window (warm-up 
 """
 
 import urllib.request
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-Sample = dict[str, float]  # sample name, with {status} for request counters -> value summed over replicas
+# sample name -> value summed over replicas; the request counter's samples are named by protocol and status:
+# mnist_requests_total{grpc,OK}
+Sample = dict[str, float]
 CPU = "server_cpu_seconds"
+REQUESTS = "mnist_requests_total{"
+# What reading a server that went away (or a URL that is no metrics page) raises.
+SCRAPE_ERRORS = (OSError, ValueError, psutil.Error)
 
 
 def scrape(urls: list[str], model: str, pid: int | None = None, timeout_s: float = 5.0) -> Sample:
@@ -38,9 +43,23 @@ def scrape(urls: list[str], model: str, pid: int | None = None, timeout_s: float
                 if s.name == "process_cpu_seconds_total" and pid is None:
                     totals[CPU] += s.value
                 elif s.name.endswith(("_sum", "_count", "_total")):
-                    status = s.labels.get("status")
-                    totals[f"{s.name}{{{status}}}" if status else s.name] += s.value
+                    if status := s.labels.get("status"):  # a server without the label serves gRPC only
+                        totals[f"{s.name}{{{s.labels.get('protocol', 'grpc')},{status}}}"] += s.value
+                    else:
+                        totals[s.name] += s.value
     return dict(totals)
+
+
+def requests_by_status(before: Sample, after: Sample, protocol: str | None = None) -> Counter:
+    """The requests the server counted between two samples, by status (gRPC code name), over `protocol`
+    (grpc or http; None: both)."""
+    counts = Counter()
+    for name, value in after.items():
+        if name.startswith(REQUESTS) and (n := round(value - before.get(name, 0.0))):
+            over, status = name[len(REQUESTS) : -1].split(",")
+            if protocol in (None, over):
+                counts[status] += n
+    return counts
 
 
 @dataclass(frozen=True)
@@ -63,9 +82,8 @@ class ServerSplit:
             count = delta(f"{prefix}_count")
             return scale * delta(f"{prefix}_sum") / count if count else float("nan")
 
-        requests = sum(delta(k) for k in after if k.startswith("mnist_requests_total{"))
         return ServerSplit(
-            requests=int(requests),
+            requests=requests_by_status(before, after).total(),
             mean_request_ms=mean("mnist_request_latency_seconds", 1e3),
             mean_queue_ms=mean("mnist_queue_latency_seconds", 1e3),
             mean_compute_ms=mean("mnist_compute_latency_seconds", 1e3),

@@ -7,17 +7,21 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.bench.loadgen import Connection
+from serving.bench.connection import Connection
 from serving.channels import open_channel
 
 
 class SpawnError(Exception):
     """The server did not come up; the message quotes the end of its log."""
+
+
+RELAYED = ("level=WARNING", "level=ERROR", "level=CRITICAL", "error:")  # log lines worth saying at once
 
 
 def free_port() -> int:
@@ -33,10 +37,11 @@ def serve_command() -> list[str]:
 
 
 class Spawned:
-    """A server subprocess on 127.0.0.1 with its gRPC and metrics ports and a log file."""
+    """A server subprocess on 127.0.0.1 with its gRPC, HTTP and metrics ports and a log file."""
 
     def __init__(self, command: list[str], port: int, metrics_port: int | None, log_path: Path) -> None:
         self.command, self.port, self.metrics_port, self.log_path = command, port, metrics_port, log_path
+        self.http_port: int | None = None  # mnist-serve's HTTP/REST port, where it has one
         self.target = f"127.0.0.1:{port}"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "wb") as log:
@@ -45,27 +50,51 @@ class Spawned:
     @classmethod
     def mnist_serve(cls, command: list[str], repo: Path, extra_args: list[str], log_path: Path) -> "Spawned":
         """`command` is mnist-serve, possibly behind a wrapper that execs it (taskset, env, nice)."""
-        port, metrics_port = free_port(), free_port()
+        port, metrics_port, http_port = free_port(), free_port(), free_port()
         command = [*command, "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port)]
-        command += ["--metrics-port", str(metrics_port), *extra_args]
-        return cls(command, port, metrics_port, log_path)
+        command += ["--metrics-port", str(metrics_port), "--http-port", str(http_port), *extra_args]
+        spawned = cls(command, port, metrics_port, log_path)
+        spawned.http_port = http_port
+        return spawned
 
     @classmethod
     def echo(cls, log_path: Path) -> "Spawned":
-        port = free_port()
-        return cls([sys.executable, "-m", "serving.bench.echo", "--port", str(port)], port, None, log_path)
+        """The floors (serving.bench.echo): gRPC on its port, HTTP on its http_port."""
+        port, http_port = free_port(), free_port()
+        command = [
+            sys.executable,
+            "-m",
+            "serving.bench.echo",
+            "--port",
+            str(port),
+            "--http-port",
+            str(http_port),
+        ]
+        spawned = cls(command, port, None, log_path)
+        spawned.http_port = http_port
+        return spawned
+
+    def target_for(self, protocol: str) -> str:
+        """HOST:PORT of the gRPC or the HTTP port."""
+        return f"127.0.0.1:{self.http_port}" if protocol == "http" else self.target
 
     @property
     def metrics_url(self) -> str | None:
         return f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else None
 
-    def wait_serving(self, connection: Connection, timeout_s: float = 120.0) -> None:
-        """Block until grpc.health.v1 says SERVING (models loaded and warm)."""
+    def wait_serving(
+        self, connection: Connection, timeout_s: float = 120.0, say: Callable[[str], None] | None = None
+    ) -> None:
+        """Block until grpc.health.v1 says SERVING (models loaded and warm). What the server logs as a
+        warning or an error meanwhile is passed to `say` at once (e.g. that it has no model to serve)."""
         deadline = time.monotonic() + timeout_s
         channel = _sync_channel(connection, self.target)
         stub = health_pb2_grpc.HealthStub(channel)
+        read = 0  # how far the log has been relayed
         try:
             while time.monotonic() < deadline:
+                if say is not None:
+                    read = self._relay(read, say)
                 if self.process.poll() is not None:
                     raise SpawnError(f"server exited with code {self.process.returncode}: {self.log_tail()}")
                 try:
@@ -81,6 +110,20 @@ class Spawned:
             channel.close()
         self.stop()
         raise SpawnError(f"server not SERVING after {timeout_s:.0f} s: {self.log_tail()}")
+
+    def _relay(self, offset: int, say: Callable[[str], None]) -> int:
+        """Pass the log's complete new warning and error lines to `say`; returns the new offset."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                text = log.read()
+        except OSError:
+            return offset
+        complete = text[: text.rfind(b"\n") + 1]
+        for line in complete.decode(errors="replace").splitlines():
+            if any(level in line for level in RELAYED):
+                say(line.strip())
+        return offset + len(complete)
 
     def stop(self, grace_s: float = 15.0) -> int:
         """SIGTERM, wait for the graceful shutdown, SIGKILL if it hangs; returns the exit code."""
@@ -104,10 +147,16 @@ class Spawned:
         return shlex.join(self.command)
 
 
+def exit_status(code: int) -> str:
+    """'exited with code 2', or 'was killed by SIGKILL' for a process a signal ended."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
+
+
 def _sync_channel(connection: Connection, target: str) -> grpc.Channel:
-    credentials = None
-    if connection.root_certificates is not None:
-        credentials = grpc.ssl_channel_credentials(
-            connection.root_certificates, connection.private_key, connection.certificate_chain
-        )
-    return open_channel(target, connection.max_message_bytes, credentials, connection.server_name)
+    c = connection
+    return open_channel(target, c.max_message_bytes, c.credentials(), c.server_name)
