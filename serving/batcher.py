@@ -1,11 +1,20 @@
 """Dynamic batching: concurrent requests for one model version merged into one ONNX Runtime run.
 
-submit() puts a request's images in a bounded queue and awaits its slice of the batch result. Each
-model instance has one dedicated thread that takes whole requests, oldest first, up to max_batch_size
-images: at once when max_queue_delay is 0 (Triton's default; while a batch computes, the next one fills
-up by itself), else after waiting for more requests until the oldest has waited max_queue_delay. The
-thread runs ORT (which releases the GIL) so the event loop keeps accepting, and hands the results back
-with one call_soon_threadsafe per batch: two thread hand-offs per batch, none per request.
+submit() puts a request's images in a bounded queue and awaits its slice of the batch result. Batches are
+whole requests, oldest first, up to max_batch_size images, and at most `instances` run at once.
+
+With max_queue_delay 0 (Triton's default) a batch starts at once. The event loop forms it: the first
+request queued in a loop iteration schedules one batch for the end of that iteration, so the requests
+handled in the same iteration ride together. A batch of at most `inline_images` images runs right there
+on the event loop thread: for a small batch of a fast model one ONNX Runtime run costs less than the two
+thread hand-offs and GIL exchanges it would otherwise take (benchmarks/serving.md), and the requests that
+arrive meanwhile wait in gRPC and form the next batch. A larger batch, or any batch while every instance
+is busy, goes to one of the model's threads (one per instance), which run ORT (it releases the GIL) while
+the event loop keeps accepting, and hand the results back with one call_soon_threadsafe per batch.
+
+With max_queue_delay > 0 the threads wait for more requests until max_batch_size images are queued or the
+oldest has waited max_queue_delay (to the microsecond; the event loop's timers have millisecond
+resolution), then run the batch.
 
 Requests larger than max_batch_size are split into max_batch_size chunks that batch like any other
 request; the results are put back together in order. Requests whose deadline passed or whose caller
@@ -22,6 +31,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from serving.contract import NUM_CLASSES
 from serving.errors import RequestError
 from serving.metrics import ModelMetrics
 from serving.statistics import VersionStatistics
@@ -29,7 +39,7 @@ from serving.statistics import VersionStatistics
 
 @dataclass(frozen=True)
 class BatchResult:
-    probabilities: np.ndarray  # float32 [n, 10]
+    probabilities: np.ndarray  # float32 [n, NUM_CLASSES]
     queue_seconds: float  # enqueue -> start of the run (the slowest chunk for a split request)
     compute_seconds: float  # the ORT run (summed over chunks for a split request)
 
@@ -56,6 +66,7 @@ class Batcher:
         metrics: ModelMetrics,
         statistics: VersionStatistics,
         instances: int = 1,
+        inline_images: int = 0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"{name}: max_batch_size must be >= 1, got {max_batch_size}")
@@ -69,14 +80,19 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay_us / 1e6
         self.max_queue_images = max_queue_images
+        self.instances = instances
+        # Batches the event loop runs itself; none when a delay asks the threads to wait for fuller ones.
+        self.inline_images = min(inline_images, max_batch_size) if max_queue_delay_us == 0 else 0
         self._run = run
         self._metrics = metrics
         self._statistics = statistics
         self._loop = asyncio.get_running_loop()
         self._pending: deque[_Pending] = deque()
         self._pending_images = 0
-        self._ready = threading.Condition()  # guards _pending, _pending_images, _closing
+        self._ready = threading.Condition()  # guards _pending, _pending_images, _closing, _running
         self._closing = False
+        self._running = 0  # batches being computed, by the threads or the event loop
+        self._flush_scheduled = False  # (event loop only)
         self._threads = [
             threading.Thread(target=self._work, name=f"batcher-{name}-{i}", daemon=True)
             for i in range(instances)
@@ -105,7 +121,11 @@ class Batcher:
                 self._pending.extend(chunks)
                 self._pending_images += n
                 self._metrics.queue_depth.inc(n)
-                self._ready.notify()
+                if not self.inline_images:
+                    self._ready.notify()
+                elif not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self._loop.call_soon(self._flush)
         if waiting is not None:
             if closing:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model {self.name} is being unloaded; retry")
@@ -131,6 +151,29 @@ class Batcher:
             self._ready.notify_all()
         await asyncio.to_thread(lambda: [thread.join() for thread in self._threads])
 
+    # -- on the event loop ------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        """The end of a loop iteration in which requests were queued: run what is queued here if it is a
+        small batch and an instance is free, else wake a thread to take it."""
+        self._flush_scheduled = False
+        with self._ready:
+            if not self._pending:
+                return  # a thread that came free took it
+            if self._pending_images > self.inline_images or self._running >= self.instances:
+                batches = -(-self._pending_images // self.max_batch_size)
+                self._ready.notify(min(batches, self.instances))
+                return
+            batch, expired = self._take_batch()
+            self._running += 1
+        try:
+            if expired:
+                self._expire(expired)
+            if batch:
+                self._compute(batch, on_loop=True)
+        finally:
+            with self._ready:
+                self._running -= 1
+
     # -- the batching threads ---------------------------------------------------------------------------
     def _work(self) -> None:
         while True:
@@ -142,10 +185,15 @@ class Batcher:
                 if self.max_queue_delay > 0:
                     self._wait_for_more()
                 batch, expired = self._take_batch()
-            if expired:
-                self._loop.call_soon_threadsafe(self._expire, expired)
-            if batch:
-                self._compute(batch)
+                self._running += 1
+            try:
+                if expired:
+                    self._loop.call_soon_threadsafe(self._expire, expired)
+                if batch:
+                    self._compute(batch)
+            finally:
+                with self._ready:
+                    self._running -= 1
 
     def _wait_for_more(self) -> None:
         """(Holding the lock.) Wait until a full batch is queued or the oldest has waited max_queue_delay."""
@@ -163,13 +211,13 @@ class Batcher:
         """
         batch: list[_Pending] = []
         expired: list[_Pending] = []
-        size = 0
+        size = taken = 0
         now = time.monotonic()
         while self._pending and size + len(self._pending[0].images) <= self.max_batch_size:
             p = self._pending.popleft()
             n = len(p.images)
             self._pending_images -= n
-            self._metrics.queue_depth.dec(n)
+            taken += n
             late = p.deadline is not None and now > p.deadline
             if p.future.done():  # gRPC cancelled the call: the client went away or its deadline passed
                 (self._metrics.deadline_expired if late else self._metrics.cancelled).inc()
@@ -179,19 +227,23 @@ class Batcher:
             else:
                 batch.append(p)
                 size += n
+        self._metrics.queue_depth.dec(taken)  # once per batch: in multiprocess mode each update writes a file
         return batch, expired
 
-    def _compute(self, batch: list[_Pending]) -> None:
+    def _compute(self, batch: list[_Pending], on_loop: bool = False) -> None:
         started = time.monotonic()
         images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
         concatenated = time.monotonic()
         try:
             probabilities = self._run(images)
-            if probabilities.shape != (len(images), 10):
+            if probabilities.shape != (len(images), NUM_CLASSES):
                 raise RuntimeError(f"model returned shape {probabilities.shape} for {len(images)} images")
         except Exception as e:
             error = RequestError(grpc.StatusCode.INTERNAL, f"model {self.name}: inference failed: {e}")
-            self._loop.call_soon_threadsafe(self._fail, batch, error)
+            if on_loop:
+                self._fail(batch, error)
+            else:
+                self._loop.call_soon_threadsafe(self._fail, batch, error)
             return
         computed = time.monotonic()
         compute = computed - concatenated
@@ -200,7 +252,10 @@ class Batcher:
         for p in batch:
             self._metrics.queue_latency.observe(started - p.enqueued)
         input_ns = int((concatenated - started) * 1e9)
-        self._loop.call_soon_threadsafe(self._deliver, batch, probabilities, started, compute, input_ns)
+        if on_loop:
+            self._deliver(batch, probabilities, started, compute, input_ns)
+        else:
+            self._loop.call_soon_threadsafe(self._deliver, batch, probabilities, started, compute, input_ns)
 
     # -- back on the event loop -------------------------------------------------------------------------
     def _deliver(

@@ -31,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serving.contract import IMAGE_SHAPE, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
+from serving.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class FixedBatchSession:
                 self.cuda_graph = True
                 return
             except Exception as e:  # ORT raises its own types; any failure means: no graph for this bucket
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                reason = first_line(e)
                 log.warning(
                     "event=cuda_graph_unavailable model=%s bucket=%d reason=%r; running it without a graph",
                     path, self.size, reason,

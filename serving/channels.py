@@ -9,10 +9,11 @@ Retries are gRPC's own (its service config, so other clients can use exactly the
 a call that fails with UNAVAILABLE (a connection that broke or never came up, a process going away) is sent
 again, at most twice, after a jittered exponential back-off. Nothing else is resent: RESOURCE_EXHAUSTED says
 the server is full, and resending would only add to its load; DEADLINE_EXCEEDED has no time left; CANCELLED
-cannot be told apart from a call cancelled while a model computed it. Retries are throttled by a token
-bucket per channel (`retryThrottling`): every failed attempt takes a token, every success gives back a tenth
-of one, and while half the bucket is gone the channel sends every call once, so a failing server receives
-fewer calls, not more. A request larger than gRPC's retry buffer (256 KiB) is never resent.
+cannot be told apart from a call cancelled while a model computed it, and gRPC core also answers it to the
+calls it refuses under overload (--max-pending-rpcs). Retries are throttled by a token bucket per channel
+(`retryThrottling`): every failed attempt takes a token, every success gives back a tenth of one, and while
+half the bucket is gone the channel sends every call once, so a failing server receives fewer calls, not
+more. A request larger than gRPC's retry buffer (256 KiB) is never resent.
 
 A server started with --workers N shares its port between N processes, and the kernel hands each TCP
 connection to one of them; so a client opens several channels, each with its own connections

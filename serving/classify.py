@@ -7,14 +7,15 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 
+from serving.batcher import BatchResult
 from serving.config import ServerConfig
-from serving.contract import IMAGE_PIXELS, IMAGE_SHAPE, IMAGE_SIDE
+from serving.contract import IMAGE_PIXELS, IMAGE_SHAPE, IMAGE_SIDE, NUM_CLASSES
 from serving.errors import RequestError
 from serving.images import ImageError, decode_image
 from serving.proto.mnist.v1 import classify_pb2 as pb
 from serving.proto.mnist.v1 import classify_pb2_grpc
 from serving.repository import ModelRepository
-from serving.rpc import Handling, StreamReaders, deadline_of, pipelined
+from serving.rpc import Handling, StreamReaders, check_image_count, compute, deadline_of
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -78,20 +79,18 @@ class ClassifierServicer(classify_pb2_grpc.ClassifierServicer):
     async def ClassifyStream(
         self, requests: AsyncIterator[pb.ClassifyRequest], context
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
-        deadline = deadline_of(context)
-
-        async def answer(request: pb.ClassifyRequest) -> pb.ClassifyStreamResponse:
-            # A bad request gets `error` and the stream goes on.
-            work = self.classify(request, deadline)
-            outcome = await self.handling.run(request.model, request.version, work)
-            if isinstance(outcome, RequestError):
-                return pb.ClassifyStreamResponse(
-                    error=pb.Error(code=outcome.code.value[0], message=outcome.message), id=request.id
-                )
-            return pb.ClassifyStreamResponse(response=outcome, id=request.id)
-
-        async for response in pipelined(requests, answer, self.streams):
+        async for response in self.handling.stream(requests, context, self.streams, self._answer_in_stream):
             yield response
+
+    async def _answer_in_stream(
+        self, request: pb.ClassifyRequest, deadline: float | None
+    ) -> pb.ClassifyStreamResponse:
+        outcome = await self.handling.run(request.model, request.version, self.classify(request, deadline))
+        if isinstance(outcome, RequestError):  # a bad request gets `error` and the stream goes on
+            return pb.ClassifyStreamResponse(
+                error=pb.Error(code=outcome.code.value[0], message=outcome.message), id=request.id
+            )
+        return pb.ClassifyStreamResponse(response=outcome, id=request.id)
 
     async def classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
         """One classification, whichever front end received it (gRPC here, HTTP in serving.http)."""
@@ -100,33 +99,24 @@ class ClassifierServicer(classify_pb2_grpc.ClassifierServicer):
         n = len(request.images)
         if n == 0:
             raise RequestError(INVALID, "no images in the request: send at least one")
-        if n > self.limits.max_images_per_request:
-            raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{n} images in one request, above the limit of {self.limits.max_images_per_request}",
-            )
-        if request.top_k > 10:
-            raise RequestError(INVALID, f"top_k is {request.top_k}: expected 1..10 (0 means 1)")
+        check_image_count(n, self.limits.max_images_per_request)
+        if request.top_k > NUM_CLASSES:
+            raise RequestError(INVALID, f"top_k is {request.top_k}: expected 1..{NUM_CLASSES} (0 means 1)")
         if any(image.WhichOneof("data") == "encoded" for image in request.images):
             # On a thread even when small: 25 KB of PNG can declare 4096x4096 pixels (~0.1-0.4 s to decode).
             images = await asyncio.to_thread(decode_images, request.images, self.limits)
         else:
             images = decode_images(request.images, self.limits)
-        decoded = time.perf_counter_ns()
-        result = await loaded.batcher.submit(images, deadline)
-        answered = time.perf_counter_ns()
         top_k = request.top_k or 1
-        response = pb.ClassifyResponse(
-            model=loaded.name,
-            version=str(loaded.version),
-            id=request.id,
-            predictions=[prediction(p, top_k) for p in result.probabilities],
-            queue_time_us=int(result.queue_seconds * 1e6),
-            compute_time_us=int(result.compute_seconds * 1e6),
-        )
-        done = time.perf_counter_ns()
-        loaded.statistics.record_success(
-            n, done - start, int(result.queue_seconds * 1e9), decoded - start,
-            int(result.compute_seconds * 1e9), done - answered,
-        )  # fmt: skip
-        return response
+
+        def respond(result: BatchResult) -> pb.ClassifyResponse:
+            return pb.ClassifyResponse(
+                model=loaded.name,
+                version=str(loaded.version),
+                id=request.id,
+                predictions=[prediction(p, top_k) for p in result.probabilities],
+                queue_time_us=int(result.queue_seconds * 1e6),
+                compute_time_us=int(result.compute_seconds * 1e6),
+            )
+
+        return await compute(loaded, images, deadline, start, respond)

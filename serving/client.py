@@ -277,7 +277,9 @@ class PredictConfig:
     model_version: str = field(
         default="", metadata=flag("model version (default: the newest)", metavar="VERSION")
     )
-    top_k: int = field(default=3, metadata=flag("alternatives listed per image, 1..10", metavar="K"))
+    top_k: int = field(
+        default=3, metadata=flag(f"alternatives listed per image, 1..{NUM_CLASSES}", metavar="K")
+    )
     json: bool = field(default=False, metadata=flag("one JSON object per line instead of a table"))
     timeout: float = field(
         default=30.0, metadata=flag("deadline of the whole run, all files, in seconds", metavar="SECONDS")

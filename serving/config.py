@@ -144,13 +144,34 @@ class ServerConfig:
     max_message_bytes: int = field(default=MAX_MESSAGE_BYTES, metadata=flag("gRPC message size limit"))
     max_concurrent_rpcs: int = field(
         default=1024,
-        metadata=flag("RPCs handled at once per process (a stream counts as one); more wait, unread"),
+        metadata=flag(
+            "requests handled at once per process: gRPC unary calls and stream requests, and HTTP inference "
+            "requests, in progress (an idle stream holds none); beyond it, refused at once with "
+            "RESOURCE_EXHAUSTED (HTTP 429)"
+        ),
     )
     max_pending_rpcs: int = field(
         default=256,
         metadata=flag(
-            "calls gRPC holds past --max-concurrent-rpcs; beyond that, new calls are refused "
-            "at once with CANCELLED: with it, the memory an overload can take is bounded"
+            "calls gRPC core holds while the process is too busy to take them; beyond that, gRPC core "
+            "refuses new calls (HTTP: requests held beyond --max-concurrent-rpcs plus this many get 503): "
+            "with it, the memory an overload can take is bounded"
+        ),
+    )
+    max_streams: int = field(
+        default=1024,
+        metadata=flag(
+            "streams open at once per process, over both APIs; beyond it, a new stream is refused at once "
+            "with RESOURCE_EXHAUSTED"
+        ),
+    )
+    stream_idle_seconds: float = field(
+        default=300.0,
+        metadata=flag(
+            "end a stream with DEADLINE_EXCEEDED once it had nothing in progress and sent no request for "
+            "this long, so that forgotten or dead clients hold no stream open",
+            name="--stream-idle-timeout",
+            metavar="SECONDS",
         ),
     )
     poll_seconds: float | None = field(
@@ -207,6 +228,7 @@ class ServerConfig:
             ("max_message_bytes", 2**31 - 1),  # gRPC's limits are 32-bit signed
             ("max_concurrent_rpcs", 1_000_000),
             ("max_pending_rpcs", 1_000_000),
+            ("max_streams", 1_000_000),
         ):
             value = getattr(self, name)
             require(within(value, 1, high), c, name, f"within 1..{high}", value)
@@ -217,6 +239,8 @@ class ServerConfig:
             require(within(self.max_connection_age_seconds, 1, DAY_SECONDS), c, "max_connection_age_seconds",
                     "within 1..86400", self.max_connection_age_seconds)  # fmt: skip
         require(within(self.grace_seconds, 0, 3600), c, "grace_seconds", "within 0..3600", self.grace_seconds)
+        require(within(self.stream_idle_seconds, 1, DAY_SECONDS), c, "stream_idle_seconds", "within 1..86400",
+                self.stream_idle_seconds)  # fmt: skip
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:

@@ -23,3 +23,9 @@ def reject(context: grpc.aio.ServicerContext, error: RequestError) -> None:
     """
     context.set_code(error.code)
     context.set_details(error.message)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (ONNX Runtime's run to dozens of lines), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

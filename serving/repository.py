@@ -529,6 +529,7 @@ class ModelRepository:
             metrics=self.metrics.for_model(name),
             statistics=statistics,
             instances=instances,
+            inline_images=session.inline_images,
         )
         return LoadedVersion(name, version, config, session, batcher, statistics)
 

@@ -19,12 +19,19 @@ import onnxruntime as ort
 from serving.buckets import Buckets, FixedBatchSession, default_sizes
 from serving.config import RuntimeOptions
 from serving.contract import IMAGE_SHAPE, INPUT_NAME, INPUT_SHAPE_TEXT, NUM_CLASSES, OUTPUT_NAME
+from serving.errors import first_line
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 EXECUTION_MODES = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "parallel": ort.ExecutionMode.ORT_PARALLEL}
+
+
+# The largest batch the batcher runs on the event loop thread rather than hand to its threads
+# (serving.batcher): on CPU an ORT run of a few images of an MNIST-sized model costs less than the hand-offs
+# (measured: benchmarks/serving.md).
+INLINE_IMAGES = 4
 
 
 class ModelLoadError(Exception):
@@ -121,10 +128,6 @@ def _check_contract(session: ort.InferenceSession, path: Path) -> str | None:
     return batch if isinstance(batch, str) else None
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
 class _CudaUnavailable(Exception):
     """A session asked for CUDA came up on CPU (ORT falls back when CUDA/cuDNN fail to load)."""
 
@@ -188,6 +191,12 @@ class ModelSession:
         self.provider = provider
 
     @property
+    def inline_images(self) -> int:
+        """The largest batch worth running on the caller's thread; 0 with buckets (CUDA), whose runs go to
+        a bucket's own thread anyway and may wait for the GPU."""
+        return 0 if self._buckets is not None else INLINE_IMAGES
+
+    @property
     def bucket_sizes(self) -> tuple[int, ...]:
         return self._buckets.sizes if self._buckets else ()
 
@@ -201,7 +210,7 @@ class ModelSession:
                 str(self.path), so or _session_options(self.options), providers=providers
             )
         except Exception as e:  # ORT raises several types (Fail, InvalidGraph, InvalidProtobuf...)
-            raise ModelLoadError(f"{self.path}: not a loadable ONNX model: {_first_line(e)}") from e
+            raise ModelLoadError(f"{self.path}: not a loadable ONNX model: {first_line(e)}") from e
 
     def _open_buckets(self, sizes: tuple[int, ...], batch_dim: str, requested: str) -> Buckets:
         def make_session(size: int, cuda_graph: bool) -> ort.InferenceSession:

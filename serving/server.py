@@ -11,6 +11,7 @@ drain the batchers, exit 0.
 """
 
 import asyncio
+import gc
 import logging
 import time
 from multiprocessing.connection import Connection
@@ -29,7 +30,7 @@ from serving.process import check_port, every, on_stop_signals, serve_metrics, s
 from serving.proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from serving.proto.mnist.v1 import classify_pb2, classify_pb2_grpc
 from serving.repository import ModelRepository, RepositoryError
-from serving.rpc import Handling, StreamReaders
+from serving.rpc import Admission, Handling, StreamReaders, generic_only
 from serving.runtime import resolve_device
 from serving.security import TokenAuthInterceptor, read_token, server_credentials
 
@@ -53,7 +54,8 @@ class Server:
         self.provider = resolve_device(config.runtime.device)
         self.repository = ModelRepository(config, self.metrics, self._set_health)
         self.health = health.aio.HealthServicer()
-        self.streams = StreamReaders()
+        self.streams = StreamReaders(config.stream_idle_seconds, config.max_streams)
+        self.admission = Admission(config.max_concurrent_rpcs)  # shared by every API of this process
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
@@ -77,6 +79,7 @@ class Server:
             self._control = WorkerControl(self._link, self.repository, stop)
             if not await self._control.join():
                 return self.port
+            freeze_startup_heap()
             await self._open_front_ends(reuse_port=True)
             self._log_listening()
             self._control.send(Listening())
@@ -90,6 +93,7 @@ class Server:
         await self.repository.poll()  # sets health SERVING once a model is loaded and warm
         if problem := startup_problem(self.repository.state(), self.repository.root, c.poll_seconds):
             raise RepositoryError(problem)
+        freeze_startup_heap()
         if c.poll_seconds:
             self._poller = asyncio.create_task(every(c.poll_seconds, self._poll))
         return self.port
@@ -111,7 +115,9 @@ class Server:
         await self._grpc.start()
         if c.http.enabled:
             # The HTTP/REST front end (serving.http): same repository, control, limits and metrics as gRPC.
-            self._http = HttpFrontEnd(c, self.repository, self._control, self.metrics, self.provider)
+            self._http = HttpFrontEnd(
+                c, self.repository, self._control, self.metrics, self.provider, self.admission
+            )
             self.http_port = await self._http.start(reuse_port)
             self._handlings += self._http.handlings
 
@@ -133,8 +139,9 @@ class Server:
         interceptors = [TokenAuthInterceptor(read_token(c.auth_token_file))] if c.auth_token_file else []
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
-            # Bounds the per-RPC state (tasks, parsed requests) an overload can pile up in this process.
-            maximum_concurrent_rpcs=c.max_concurrent_rpcs,
+            # Admission bounds requests and StreamReaders streams; gRPC's own bound on calls (which refuses
+            # before a message is read) only stops what comes faster than they can refuse it.
+            maximum_concurrent_rpcs=c.max_concurrent_rpcs + c.max_streams,
             options=[
                 ("grpc.max_receive_message_length", c.max_message_bytes),
                 ("grpc.max_send_message_length", c.max_message_bytes),
@@ -145,21 +152,29 @@ class Server:
                 # bounded, so that an overload cannot grow memory without limit (docs/reliability.md).
                 ("grpc.server.max_pending_requests", c.max_pending_rpcs),
                 ("grpc.server.max_pending_requests_hard_limit", c.max_pending_rpcs),
+                # Ping idle connections, so that a client gone without closing (host down, network cut)
+                # frees its connection and streams within minutes.
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
             ],
         )
         streams = self.streams
-        kserve, classify = (Handling(api, self.metrics, self.repository) for api in ("kserve", "classify"))
+        kserve, classify = (
+            Handling(api, self.metrics, self.repository, admission=self.admission)
+            for api in ("kserve", "classify")
+        )
         self._handlings = (kserve, classify)
+        generic = generic_only(self._grpc)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(
                 self.repository, kserve, self._control, c.max_images_per_request, self.provider, streams
             ),
-            self._grpc,
+            generic,
         )
         classify_pb2_grpc.add_ClassifierServicer_to_server(
-            ClassifierServicer(self.repository, classify, c, streams), self._grpc
+            ClassifierServicer(self.repository, classify, c, streams), generic
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, generic)
         reflection.enable_server_reflection((*SERVICES, HEALTH_SERVICE, reflection.SERVICE_NAME), self._grpc)
         address = f"{c.host}:{c.port}"
         if c.tls_cert:
@@ -224,6 +239,13 @@ class Server:
         )
         for service in ("", *SERVICES):
             await self.health.set(service, status)
+
+
+def freeze_startup_heap() -> None:
+    """What start-up built (modules, sessions: tens of thousands of objects) lives as long as the process:
+    the cyclic garbage collector's full collections need not walk it again (benchmarks/serving.md)."""
+    gc.collect()
+    gc.freeze()
 
 
 async def serve(config: ServerConfig, worker: int = 0, link: Connection | None = None) -> None:

@@ -25,6 +25,8 @@ class VersionStatistics:
         self.last_inference_ms = 0
         self.inference_count = 0
         self.requests = {name: [0, 0] for name in REQUEST_FIELDS}
+        # The figures every success updates, in record_success's argument order.
+        self._success_fields = tuple(self.requests[name] for name in REQUEST_FIELDS if name != "fail")
         self._batches: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # count, input, infer, output
         self._execution_count = 0
         self._lock = threading.Lock()
@@ -35,11 +37,17 @@ class VersionStatistics:
         """(Event loop.) One answered request."""
         self.last_inference_ms = time.time_ns() // 1_000_000
         self.inference_count += images
-        r = self.requests
-        for name, ns in (("success", total_ns), ("queue", queue_ns), ("compute_input", input_ns),
-                         ("compute_infer", infer_ns), ("compute_output", output_ns)):  # fmt: skip
-            r[name][0] += 1
-            r[name][1] += ns
+        success, queue, compute_input, compute_infer, compute_output = self._success_fields
+        success[0] += 1
+        success[1] += total_ns
+        queue[0] += 1
+        queue[1] += queue_ns
+        compute_input[0] += 1
+        compute_input[1] += input_ns
+        compute_infer[0] += 1
+        compute_infer[1] += infer_ns
+        compute_output[0] += 1
+        compute_output[1] += output_ns
 
     def record_failure(self, total_ns: int) -> None:
         """(Event loop.) One request of this version that got an error."""

@@ -525,7 +525,9 @@ def slow_model(weights: np.ndarray, width: int = 512, layers: int = 16) -> onnx.
 def test_under_overload_the_server_counts_exactly_what_the_client_sent(mnist, tmp_path, protocol, refusal):
     """32 clients against a queue of 2 images and batches of 2 that take a while: most are refused at once.
     Every request is sent once, and the server's count (mnist_requests_total by status, over the protocol
-    used) over the level equals the generator's, refusals included, by the status the client received."""
+    used) over the level equals the generator's, refusals included, by the status the client received.
+    A queue delay keeps the batches on the batcher's thread (the event loop runs none itself), so that
+    requests keep arriving, and the queue fills, while one computes."""
     repo = tmp_path / "repo"
     add_model(
         repo, "mnist", slow_model(fitted_weights(mnist.train_images[:10000], mnist.train_labels[:10000]))
@@ -533,7 +535,8 @@ def test_under_overload_the_server_counts_exactly_what_the_client_sent(mnist, tm
     out = tmp_path / "out"
     done = _bench(
         "--spawn", "--repo", str(repo),
-        "--server-args=--workers 1 --max-queue-images 2 --max-batch-size 2", "--concurrency", "32",
+        "--server-args=--workers 1 --max-queue-images 2 --max-batch-size 2 --max-queue-delay-us 1",
+        "--concurrency", "32",
         "--requests", "400", "--warmup", "0", "--baselines", "none", "--out", str(out), "--no-progress",
         "--protocol", protocol,
     )  # fmt: skip

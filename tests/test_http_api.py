@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.http as triton
@@ -74,11 +75,15 @@ def client(server):
     client.close()
 
 
-def grpc_infer(server, images: np.ndarray) -> np.ndarray:
+def infer_message(images: np.ndarray) -> pb.ModelInferRequest:
     tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=list(images.shape))
-    request = pb.ModelInferRequest(model_name="mnist", inputs=[tensor], raw_input_contents=[images.tobytes()])
+    return pb.ModelInferRequest(model_name="mnist", inputs=[tensor], raw_input_contents=[images.tobytes()])
+
+
+def grpc_infer(server, images: np.ndarray) -> np.ndarray:
     with server.channel() as channel:
-        response = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelInfer(infer_message(images), timeout=10)
     return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(-1, 10)
 
 
@@ -413,6 +418,57 @@ def test_requests_in_flight_finish_on_shutdown(start_server, repo, digits) -> No
     assert [a[0] for a in answers] == [200] * 4
     with pytest.raises(ConnectionError):
         call(port, "GET", "/v2/health/live")
+
+
+def test_http_and_grpc_share_the_request_limit(start_server, repo, mnist) -> None:
+    # A batch starts only when 4 images wait (or after 10 s): the requests sent first stay in progress.
+    running = start_server(repo, max_concurrent_rpcs=3, max_batch_size=4, max_queue_delay_us=10_000_000)
+    port, images = running.server.http_port, mnist.test_images[:4].reshape(-1, 1, 28, 28)
+    body, headers = encode_request(images[:1])
+    held_http = []
+    waiting = threading.Thread(
+        target=lambda: held_http.append(call(port, "POST", "/v2/models/mnist/infer", body, headers))
+    )
+    waiting.start()
+    with running.channel() as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        one = infer_message(images[1:2])
+        held_grpc = [stub.ModelInfer.future(one, timeout=60) for _ in range(2)]
+        wait_for(lambda: running.metric("mnist_inflight_requests") == 3, what="3 requests in progress")
+        for answer in (
+            call(port, "POST", "/v2/models/mnist/infer", body, headers),
+            call(port, "POST", "/v1/models/mnist/classify", png(images[0, 0])),
+        ):
+            status, message = error_of(answer)
+            assert status == 429 and "server full" in message and answer[1]["Retry-After"] == "1", message
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(one, timeout=10)
+        assert (
+            error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and "server full" in error.value.details()
+        )
+        assert not held_http and not any(f.done() for f in held_grpc)  # refused at once, not after waiting
+        for f in held_grpc:
+            f.cancel()
+        wait_for(lambda: running.metric("mnist_inflight_requests") == 1, what="the cancelled calls gone")
+        assert (
+            len(stub.ModelInfer(infer_message(images[1:]), timeout=30).raw_output_contents[0]) == 3 * 10 * 4
+        )
+    waiting.join(30)
+    assert held_http[0][0] == 200  # the HTTP request held at the limit is answered once its batch runs
+    refused = {
+        (protocol, api): running.metric(
+            "mnist_requests_total", model="mnist", api=api, status="RESOURCE_EXHAUSTED", protocol=protocol
+        )
+        for protocol in ("http", "grpc")
+        for api in ("kserve", "classify")
+    }
+    assert refused == {
+        ("http", "kserve"): 1,
+        ("http", "classify"): 1,
+        ("grpc", "kserve"): 1,
+        ("grpc", "classify"): 0,
+    }
 
 
 def test_full_queue_is_429_and_an_expired_deadline_504(start_server, repo, mnist) -> None:

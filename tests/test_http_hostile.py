@@ -1,5 +1,5 @@
 """Hostile HTTP input: random and malformed bodies, wrong shapes and datatypes, lying
-Inference-Header-Content-Length, huge, compressed and slow bodies, more clients than the server takes.
+Inference-Header-Content-Length, huge, compressed and slow bodies, a full server, more clients than it holds.
 Each gets its documented status with a JSON error, and the server keeps serving."""
 
 import contextlib
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_http_api import call, error_of
+from test_http_api import call, error_of, png
 
 from serving.config import HttpOptions
 from serving.http.tensors import HEADER_LENGTH, encode_request
@@ -203,14 +203,25 @@ def test_a_slow_body_is_408(port) -> None:
     still_serving(port)
 
 
-def test_more_clients_than_it_takes_get_503_at_once(port) -> None:
-    """Two requests handled and one waiting (the limits of this server): a fourth is refused at once."""
-    head = "POST /v1/models/mnist/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000"
+def test_a_full_server_is_429_and_more_clients_than_it_holds_get_503_at_once(port) -> None:
+    """Two classify requests in progress fill this server (--max-concurrent-rpcs 2): another is refused at
+    once with 429. Requests of any endpoint held at once are bounded by that plus --max-pending-rpcs (1):
+    with a repository request held as well, a fourth request is refused at once with 503, unread."""
+    stalled_head = "POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
     stalled = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
     try:
-        for s in stalled:
-            s.sendall(head.encode() + b"\r\n\r\n" + b"\x89PNG")
-        wait_for(lambda: call(port, "GET", "/v2/models/mnist")[0] == 503, what="the three to be taken")
+        for s in stalled[:2]:
+            s.sendall(stalled_head.format("/v1/models/mnist/classify").encode() + b"\x89PNG")
+        digit = png(np.zeros((28, 28), np.uint8))
+        wait_for(
+            lambda: call(port, "POST", "/v1/models/mnist/classify", digit)[0] == 429, what="a full server"
+        )
+        answer = call(port, "POST", "/v1/models/mnist/classify", digit)
+        assert refused(answer, {429}) == 429 and "server full" in error_of(answer)[1]
+        assert answer[1]["Retry-After"] == "1"
+        assert call(port, "GET", "/v2/models/mnist")[0] == 200  # metadata is no inference: not refused
+        stalled[2].sendall(stalled_head.format("/v2/repository/index").encode() + b"{")
+        wait_for(lambda: call(port, "GET", "/v2/models/mnist")[0] == 503, what="the three to be held")
         answer = call(port, "GET", "/v2/models/mnist")
         assert refused(answer, {503}) == 503 and answer[1]["Retry-After"] == "1"
         answers = [read_response(s) for s in stalled]

@@ -137,8 +137,9 @@ def test_overload_is_shed_with_resource_exhausted_and_accepted_requests_finish(s
         # machine's speed. No warm-up, so the server's counts and the client's cover the same requests.
         result = load(served, workload, Level(rate=rate), seconds=8.0, warmup=0.0, timeout_s=60.0)
     seen = server_requests(served) - before
-    # Every request was answered or refused at once: by the server (RESOURCE_EXHAUSTED, queue full) or,
-    # when even its pending-call queue overflowed, by gRPC core with CANCELLED before the server saw it.
+    # Every request was answered or refused at once: by the server with RESOURCE_EXHAUSTED (its queue or
+    # its limit of requests in progress full), or, when calls came faster than the server could even take
+    # them from gRPC core (--max-pending-rpcs), by gRPC core with CANCELLED before the server saw them.
     assert set(result.status) <= {"OK", "RESOURCE_EXHAUSTED", "CANCELLED"}, result.status
     assert sum(result.status.values()) == result.scheduled and result.status["OK"] > 0
     assert seen == Counter({k: v for k, v in result.status.items() if k != "CANCELLED"}), (
@@ -147,7 +148,7 @@ def test_overload_is_shed_with_resource_exhausted_and_accepted_requests_finish(s
     )
     assert result.correct / result.images > 0.9
     assert max(queued for _, _, queued in samples) <= QUEUE_IMAGES
-    # Bounded by the limits: at most --max-concurrent-rpcs (1024) requests of 50 KiB handled at once.
+    # Bounded by the limits: at most --max-concurrent-rpcs (1024) requests of 50 KiB in progress at once.
     start, _, peak = rss_figures(samples, began)
     assert peak - start < 64 * 2**20, f"RSS peaked at {peak / 2**20:.0f} MiB from {start / 2**20:.0f} MiB"
 

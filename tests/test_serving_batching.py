@@ -2,6 +2,7 @@
 queue is bounded, expired requests are dropped before compute, a failed batch fails all its requests."""
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -119,3 +120,54 @@ def test_one_stream_is_pipelined_into_batches(start_server, repo, images, unbatc
     results = np.concatenate([probabilities(r.infer_response) for r in responses])
     assert_same_probabilities(results, unbatched[:48])  # in request order
     assert running.metric("mnist_batch_size_count", model="mnist") < 48
+
+
+def recording_batcher(runs: list, **settings) -> Batcher:
+    """A Batcher whose model records (thread, batch size) for every run and answers zeros."""
+
+    def run(images: np.ndarray) -> np.ndarray:
+        runs.append((threading.get_ident(), len(images)))
+        return np.zeros((len(images), 10), np.float32)
+
+    settings = {"max_batch_size": 8, "max_queue_delay_us": 0, "max_queue_images": 64, **settings}
+    return Batcher("t", run, metrics=Metrics().for_model("t"), statistics=VersionStatistics(), **settings)
+
+
+def test_requests_of_one_loop_iteration_ride_one_batch_on_the_event_loop_when_small() -> None:
+    one = np.zeros((1, 1, 28, 28), np.uint8)
+
+    async def scenario() -> tuple[list, int]:
+        runs: list = []
+        batcher = recording_batcher(runs, inline_images=4, instances=2)
+        # Three requests handled in one iteration of the loop: one batch, run on the loop's own thread.
+        await asyncio.gather(*(batcher.submit(one) for _ in range(3)))
+        # Six single images: more than inline_images, so one of the batcher's threads runs them.
+        await asyncio.gather(*(batcher.submit(one) for _ in range(6)))
+        # A request larger than max_batch_size is split; its chunks run on the threads.
+        result = await batcher.submit(np.zeros((20, 1, 28, 28), np.uint8))
+        assert result.probabilities.shape == (20, 10)
+        await batcher.close()
+        return runs, threading.get_ident()
+
+    runs, loop_thread = asyncio.run(scenario())
+    assert runs[0] == (loop_thread, 3)
+    assert runs[1][0] != loop_thread and runs[1][1] == 6
+    assert sorted(size for _, size in runs[2:]) == [4, 8, 8] and all(t != loop_thread for t, _ in runs[2:])
+
+
+def test_with_a_queue_delay_batches_wait_on_the_threads_for_more_requests() -> None:
+    one = np.zeros((1, 1, 28, 28), np.uint8)
+
+    async def scenario() -> tuple[list, int]:
+        runs: list = []
+        # A delay long enough that only a full batch starts it: the 4 requests must wait for each other.
+        batcher = recording_batcher(runs, max_batch_size=4, max_queue_delay_us=10_000_000, inline_images=4)
+        first = asyncio.ensure_future(batcher.submit(one))
+        await asyncio.sleep(0)
+        assert not first.done()
+        await asyncio.gather(first, *(batcher.submit(one) for _ in range(3)))
+        await batcher.close()
+        return runs, threading.get_ident()
+
+    runs, loop_thread = asyncio.run(scenario())
+    assert len(runs) == 1 and runs[0][1] == 4 and runs[0][0] != loop_thread

@@ -90,8 +90,8 @@ def test_every_numeric_flag_is_in_the_tables():
         "--inter-op-threads", "--intra-op-threads", "--max-batch-size",
         "--max-concurrent-rpcs", "--max-connection-age", "--max-image-bytes", "--max-image-pixels",
         "--max-images-per-request", "--max-message-bytes", "--max-pending-rpcs", "--max-queue-delay-us",
-        "--max-queue-images",
-        "--metrics-port", "--poll", "--port", "--workers",
+        "--max-queue-images", "--max-streams",
+        "--metrics-port", "--poll", "--port", "--stream-idle-timeout", "--workers",
     ]  # fmt: skip
 
 

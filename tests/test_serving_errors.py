@@ -2,7 +2,9 @@
 well-formed client running alongside keeps getting answers."""
 
 import io
+import queue
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -166,3 +168,82 @@ def test_a_well_formed_client_is_undisturbed_by_bad_requests(server, bystander) 
                 assert error.value.code() == code
     wait_for(lambda: len(answered) > before + 20 or errors, 60, "answers to the well-formed client")
     assert errors == [], f"the well-formed client saw errors: {errors[:3]}"
+
+
+def test_a_full_server_refuses_at_once_with_resource_exhausted(start_server, repo) -> None:
+    # Three requests held in the queue (a batch starts only when 4 images wait, or after 10 s) fill a
+    # server that handles at most 3 requests at once.
+    running = start_server(repo, max_concurrent_rpcs=3, max_batch_size=4, max_queue_delay_us=10_000_000)
+    with running.channel() as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        held = [stub.ModelInfer.future(tensor_request([1, 1, 28, 28]), timeout=60) for _ in range(3)]
+        wait_for(lambda: running.metric("mnist_inflight_requests") == 3, what="3 requests in progress")
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(tensor_request([1, 1, 28, 28]), timeout=10)
+        assert error.value.code() == EXHAUSTED and "server full" in error.value.details()
+        streamed = next(stub.ModelStreamInfer(iter([tensor_request([1, 1, 28, 28])]), timeout=10))
+        assert streamed.error_message.startswith("RESOURCE_EXHAUSTED: server full")
+        assert not any(f.done() for f in held)  # refused at once, not after waiting for room
+        for f in held:
+            f.cancel()
+        wait_for(lambda: running.metric("mnist_inflight_requests") == 0, what="the cancelled calls gone")
+        full_batch = tensor_request([4, 1, 28, 28], payload=np.zeros((4, 1, 28, 28), np.uint8).tobytes())
+        assert len(stub.ModelInfer(full_batch, timeout=30).raw_output_contents[0]) == 4 * 10 * 4
+    refused = running.metric("mnist_requests_total", model="mnist", api="kserve", status="RESOURCE_EXHAUSTED")
+    assert refused == 2  # the server counts what it refused
+
+
+def test_idle_streams_hold_no_share_of_the_request_limit(start_server, repo) -> None:
+    running = start_server(repo, max_concurrent_rpcs=32, max_streams=40)
+    with running.channel() as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        outboxes = [Outbox() for _ in range(40)]
+        streams = [stub.ModelStreamInfer(iter(outbox), timeout=60) for outbox in outboxes]
+        wait_for(lambda: len(running.server.streams) == 40, what="40 open streams")
+        for _ in range(5):  # 40 idle streams against a limit of 32 requests: unary calls still get answers
+            assert stub.ModelInfer(tensor_request([1, 1, 28, 28]), timeout=10).raw_output_contents
+        with pytest.raises(grpc.RpcError) as error:  # a stream beyond --max-streams is refused at once
+            next(stub.ModelStreamInfer(iter(()), timeout=10))
+        assert error.value.code() == EXHAUSTED and "streams open" in error.value.details()
+        outboxes[0].put(tensor_request([1, 1, 28, 28]))  # and every open stream still answers
+        assert next(streams[0]).infer_response.raw_output_contents
+        for outbox in outboxes:
+            outbox.close()
+        assert all(list(stream) == [] for stream in streams[1:])
+
+
+def test_a_stream_left_idle_is_ended_with_deadline_exceeded(start_server, repo) -> None:
+    running = start_server(repo, stream_idle_seconds=1.0)
+    with running.channel() as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        idle, busy = Outbox(), Outbox()
+        idle_stream = stub.ModelStreamInfer(iter(idle), timeout=60)
+        busy_stream = stub.ModelStreamInfer(iter(busy), timeout=60)
+        for _ in range(6):  # a stream that keeps asking, for longer than the idle timeout, stays open
+            busy.put(tensor_request([1, 1, 28, 28]))
+            assert next(busy_stream).infer_response.raw_output_contents
+            time.sleep(0.4)
+        with pytest.raises(grpc.RpcError) as error:  # meanwhile the idle one was ended
+            next(idle_stream)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "--stream-idle-timeout" in error.value.details()
+        busy.close()
+        assert list(busy_stream) == []
+        idle.close()
+
+
+class Outbox:
+    """A request iterator for a stream that the test feeds one request at a time; close() ends it."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+
+    def put(self, request) -> None:
+        self._queue.put(request)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self):
+        while (request := self._queue.get()) is not None:
+            yield request

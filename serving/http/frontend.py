@@ -4,10 +4,10 @@ and limits, and answering from the same repository, control and metrics (serving
 it). Why aiohttp: docs/serving.md.
 
 Every request passes one guard first: the bearer token (except health and the page), the bound on
-requests handled at once, and JSON errors for whatever aiohttp itself refuses.
+requests held at once, and JSON errors for whatever aiohttp itself refuses. Inference and classification
+requests then count against the process's admission (serving.rpc.Admission), shared with gRPC.
 """
 
-import asyncio
 import hmac
 import importlib.resources
 import logging
@@ -25,7 +25,7 @@ from serving.http.status import error_response
 from serving.kserve import KServeServicer
 from serving.metrics import Metrics
 from serving.repository import ModelRepository
-from serving.rpc import Handling, StreamReaders
+from serving.rpc import Admission, Handling, StreamReaders
 from serving.security import SecurityConfigError, read_token
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,17 @@ class HttpFrontEnd:
         control: Control,
         metrics: Metrics,
         provider: str,
+        admission: Admission,
     ) -> None:
         self.config = config
         self.repository = repository
         self.port: int | None = None
         self.stopping = False
-        self.handlings = tuple(Handling(api, metrics, repository, "http") for api in ("kserve", "classify"))
+        # The gRPC servicers' admission: --max-concurrent-rpcs bounds the requests in progress over both
+        # protocols, and the excess gets RESOURCE_EXHAUSTED (429 here) at once.
+        self.handlings = tuple(
+            Handling(api, metrics, repository, "http", admission=admission) for api in ("kserve", "classify")
+        )
         kserve_handling, classify_handling = self.handlings
         c = config
         kserve = KServeServicer(
@@ -73,9 +78,9 @@ class HttpFrontEnd:
         read_timeout = c.http.http_read_timeout_seconds
         limits = (c.max_message_bytes, c.max_images_per_request, read_timeout)
         self._token = f"Bearer {read_token(c.auth_token_file)}".encode() if c.auth_token_file else None
-        # Requests handled at once, and how many more may wait for a turn (unread) before refusals: gRPC's
-        # --max-concurrent-rpcs and --max-pending-rpcs, so an overload's memory is bounded the same way.
-        self._turns = asyncio.Semaphore(c.max_concurrent_rpcs)
+        # Requests held at once, of every route (admission counts inference and classification only):
+        # beyond --max-concurrent-rpcs + --max-pending-rpcs, 503 unread, so an overload's memory is bounded
+        # as gRPC core's bounds do for gRPC.
         self._admitted = 0
         self._admit_limit = c.max_concurrent_rpcs + c.max_pending_rpcs
         self._ssl = tls_context(config)
@@ -138,8 +143,7 @@ class HttpFrontEnd:
             return _shed("server overloaded: too many requests at once; retry")
         self._admitted += 1
         try:
-            async with self._turns:
-                response = await handler(request)
+            response = await handler(request)
         except web.HTTPException as e:  # aiohttp's own refusals: no such route or method
             reason = f"no such endpoint {request.path[:200]!r}" if e.status == 404 else e.reason
             response = error_response(e.status, reason)

@@ -3,8 +3,9 @@ statuses gRPC clients get) to the HTTP statuses of the REST front end, and the e
 Inference Protocol defines, `{"error": "<message>"}`. docs/serving.md shows this table beside the gRPC one.
 
 The mapping is the usual one (as in grpc-gateway and Google's API design guide), with one refinement:
-RESOURCE_EXHAUSTED is 429 when the server is full (a model's queue) but 413 when the request itself is over
-a size limit; the front end detects those while it reads the request and raises PayloadTooLarge.
+RESOURCE_EXHAUSTED is 429 when the server is full (--max-concurrent-rpcs requests in progress, or a model's
+queue) but 413 when the request itself is over a size limit; the front end detects those while it reads the
+request and raises PayloadTooLarge.
 """
 
 import json
