@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import statistics
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,6 +34,10 @@ EXECUTION_MODES = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "parallel": o
 # (serving.batcher): on CPU an ORT run of a few images of an MNIST-sized model costs less than the hand-offs
 # (measured: benchmarks/serving.md).
 INLINE_IMAGES = 4
+# ...but only for a model whose run of INLINE_IMAGES images takes at most this long (median of a few runs at
+# warm-up): while it runs, the loop reads no request, so a slower model (a wide network, an ensemble) would
+# hold every other request up and leave the queue to gRPC core instead of the batcher's limits.
+INLINE_BUDGET_SECONDS = 250e-6
 
 
 class ModelLoadError(Exception):
@@ -143,6 +149,7 @@ class ModelSession:
     ) -> None:
         self.path = Path(model_path)
         self.options = options
+        self._inline_images = 0
         requested = resolve_device(options.device)
         if not self.path.is_file():
             raise ModelLoadError(f"{self.path}: model file not found")
@@ -192,9 +199,10 @@ class ModelSession:
 
     @property
     def inline_images(self) -> int:
-        """The largest batch worth running on the caller's thread; 0 with buckets (CUDA), whose runs go to
-        a bucket's own thread anyway and may wait for the GPU."""
-        return 0 if self._buckets is not None else INLINE_IMAGES
+        """The largest batch worth running on the caller's thread, decided by warm_up: INLINE_IMAGES for a
+        model that runs them within INLINE_BUDGET_SECONDS; 0 before warm-up, for a slower model, and with
+        buckets (CUDA), whose runs go to a bucket's own thread anyway and may wait for the GPU."""
+        return self._inline_images
 
     @property
     def bucket_sizes(self) -> tuple[int, ...]:
@@ -256,3 +264,13 @@ class ModelSession:
             return
         for n in sorted(set(batch_sizes)):
             self.run(np.zeros((n, *IMAGE_SHAPE), np.uint8))
+        self._inline_images = INLINE_IMAGES if self._inline_run_seconds() <= INLINE_BUDGET_SECONDS else 0
+
+    def _inline_run_seconds(self, runs: int = 5) -> float:
+        images = np.zeros((INLINE_IMAGES, *IMAGE_SHAPE), np.uint8)
+        times = []
+        for _ in range(runs):
+            began = time.perf_counter()
+            self.run(images)
+            times.append(time.perf_counter() - began)
+        return statistics.median(times)

@@ -101,6 +101,38 @@ def fitted_repo(root: Path, mnist, max_batch_size: int = 64) -> Path:
     return root
 
 
+def slow_model(weights: np.ndarray, width: int = 512, layers: int = 16) -> onnx.ModelProto:
+    """linear_model's answers at about 5 M multiply-adds per image: a deep branch whose output is weighted
+    by zeros (ONNX Runtime cannot fold it away: it depends on the input), so that a batch takes long enough
+    for the queue to fill while it computes."""
+    model = linear_model(weights, normalise=True)
+    graph = model.graph
+    (scores,) = [node for node in graph.node if node.op_type == "MatMul"]
+    scores.output[0] = "linear_scores"
+    softmax = graph.node.pop()  # keep the softmax last
+    deep = [helper.make_node("MatMul", ["x", "deep_in"], ["h0"])]
+    for k in range(layers):
+        deep += [
+            helper.make_node("MatMul", [f"h{k}", "deep_w"], [f"m{k}"]),
+            helper.make_node("Relu", [f"m{k}"], [f"h{k + 1}"]),
+        ]
+    deep += [
+        helper.make_node("MatMul", [f"h{layers}", "zeros"], ["nothing"]),
+        helper.make_node("Add", ["linear_scores", "nothing"], ["scores"]),
+        softmax,
+    ]
+    graph.node.extend(deep)
+    rng = np.random.default_rng(0)  # He-scaled, so that the activations stay finite through the layers
+    w_in = rng.standard_normal((784, width)) * np.sqrt(2 / 784)
+    w = rng.standard_normal((width, width)) * np.sqrt(2 / width)
+    graph.initializer.extend([
+        numpy_helper.from_array(w_in.astype(np.float32), "deep_in"),
+        numpy_helper.from_array(w.astype(np.float32), "deep_w"),
+        numpy_helper.from_array(np.zeros((width, 10), np.float32), "zeros"),
+    ])  # fmt: skip
+    return model
+
+
 def add_model(
     repo: Path, name: str, model: onnx.ModelProto | bytes, version: int = 1, config: str = CONFIG,
     max_batch_size: int = 8,

@@ -18,10 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import onnx
 import psutil
 import pytest
-from onnx import helper, numpy_helper
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.bench import report
@@ -32,7 +30,7 @@ from serving.bench.rest import server_counts_as_http
 from serving.bench.runner import split_spec
 from serving.bench.spawn import Spawned, serve_command
 
-from helpers import add_model, fitted_repo, fitted_weights, linear_model, wait_for
+from helpers import add_model, fitted_repo, fitted_weights, slow_model, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -487,38 +485,6 @@ def test_a_spawned_server_with_nothing_to_serve_is_said_at_once(tmp_path):
         done.stderr.strip().splitlines()[-1]
         == f"mnist-bench: error: no versions of model 'mnist' under {empty}"
     )
-
-
-def slow_model(weights: np.ndarray, width: int = 512, layers: int = 16) -> onnx.ModelProto:
-    """linear_model's answers at about 5 M multiply-adds per image: a deep branch whose output is weighted
-    by zeros (ONNX Runtime cannot fold it away: it depends on the input), so that a batch takes long enough
-    for the queue to fill while it computes."""
-    model = linear_model(weights, normalise=True)
-    graph = model.graph
-    (scores,) = [node for node in graph.node if node.op_type == "MatMul"]
-    scores.output[0] = "linear_scores"
-    softmax = graph.node.pop()  # keep the softmax last
-    deep = [helper.make_node("MatMul", ["x", "deep_in"], ["h0"])]
-    for k in range(layers):
-        deep += [
-            helper.make_node("MatMul", [f"h{k}", "deep_w"], [f"m{k}"]),
-            helper.make_node("Relu", [f"m{k}"], [f"h{k + 1}"]),
-        ]
-    deep += [
-        helper.make_node("MatMul", [f"h{layers}", "zeros"], ["nothing"]),
-        helper.make_node("Add", ["linear_scores", "nothing"], ["scores"]),
-        softmax,
-    ]
-    graph.node.extend(deep)
-    rng = np.random.default_rng(0)  # He-scaled, so that the activations stay finite through the layers
-    w_in = rng.standard_normal((784, width)) * np.sqrt(2 / 784)
-    w = rng.standard_normal((width, width)) * np.sqrt(2 / width)
-    graph.initializer.extend([
-        numpy_helper.from_array(w_in.astype(np.float32), "deep_in"),
-        numpy_helper.from_array(w.astype(np.float32), "deep_w"),
-        numpy_helper.from_array(np.zeros((width, 10), np.float32), "zeros"),
-    ])  # fmt: skip
-    return model
 
 
 @pytest.mark.parametrize(("protocol", "refusal"), [("grpc", "RESOURCE_EXHAUSTED"), ("http", "HTTP_429")])

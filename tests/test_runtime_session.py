@@ -14,6 +14,7 @@ from serving.buckets import chunks, default_sizes
 from serving.runtime import (
     CPU,
     CUDA,
+    INLINE_IMAGES,
     DeviceError,
     ModelLoadError,
     ModelSession,
@@ -270,3 +271,18 @@ def test_auto_picks_cuda_when_present(cnn_path: Path) -> None:
     assert resolve_device("auto") == CUDA
     session = ModelSession(cnn_path, RuntimeOptions())
     assert session.provider == CUDA and session.bucket_sizes == (1, 2, 4, 8, 16, 32, 64)
+
+
+def test_only_a_model_that_runs_a_few_images_quickly_runs_them_on_the_event_loop(tmp_path, mnist):
+    """warm_up times a run of INLINE_IMAGES images: a small model runs its small batches on the caller's
+    thread; a model slow enough to hold every other request up (here ~2 ms for 4 images) never does."""
+    weights = helpers.fitted_weights(mnist.train_images[:2000], mnist.train_labels[:2000])
+    fast = helpers.add_model(tmp_path / "fast", "fast", helpers.linear_model(weights, normalise=True))
+    slow = helpers.add_model(tmp_path / "slow", "slow", helpers.slow_model(weights, width=1024))
+    sessions = {name: ModelSession(path, RuntimeOptions(device="cpu")) for name, path in
+                (("fast", fast), ("slow", slow))}  # fmt: skip
+    assert {name: s.inline_images for name, s in sessions.items()} == {"fast": 0, "slow": 0}  # not yet warm
+    for session in sessions.values():
+        session.warm_up([1, 8])
+    assert sessions["fast"].inline_images == INLINE_IMAGES
+    assert sessions["slow"].inline_images == 0
