@@ -21,11 +21,11 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.mnist import MNIST, load_mnist
 from serving.proto.inference import grpc_service_pb2_grpc
 from serving.proto.mnist.v1 import classify_pb2_grpc
 from serving.runtime import RuntimeOptions
 from serving.server import Server, ServerConfig
-from training.data import MNIST, load_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_ARGS = ["--arch", "cnn2", "--epochs", "1", "--train-limit", "10000", "--name", "mnist"]

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from serving.contract import IMAGE_PIXELS, IMAGE_SHAPE, NUM_CLASSES
+
 
 class Net(nn.Module):
     def __init__(self, features: nn.Sequential, classifier: nn.Sequential):
@@ -30,16 +32,20 @@ def conv_block(c_in: int, c_out: int, batchnorm: bool, padding: int = 1) -> list
 
 
 def mlp(batchnorm: bool = False, dropout: float = 0.5) -> Net:
-    hidden = [nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Dropout(dropout)]
+    hidden = [nn.Flatten(), nn.Linear(IMAGE_PIXELS, 512), nn.ReLU(), nn.Dropout(dropout)]
     hidden += [nn.Linear(512, 256), nn.ReLU(), nn.Dropout(dropout)]
-    return Net(nn.Sequential(*hidden), nn.Sequential(nn.Linear(256, 10)))
+    return Net(nn.Sequential(*hidden), nn.Sequential(nn.Linear(256, NUM_CLASSES)))
 
 
 def cnn(batchnorm: bool = False, dropout: float = 0.25) -> Net:
     """pytorch/examples mnist `Net`."""
     features = nn.Sequential(*conv_block(1, 32, batchnorm), *conv_block(32, 64, batchnorm), nn.MaxPool2d(2))
     classifier = nn.Sequential(
-        nn.Flatten(), nn.Linear(64 * 14 * 14, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 10)
+        nn.Flatten(),
+        nn.Linear(64 * 14 * 14, 128),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(128, NUM_CLASSES),
     )
     return Net(features, classifier)
 
@@ -50,7 +56,7 @@ def cnn2(batchnorm: bool = False, dropout: float = 0.0) -> Net:
         *conv_block(1, 32, batchnorm), nn.MaxPool2d(2), *conv_block(32, 64, batchnorm), nn.MaxPool2d(2)
     )
     classifier = nn.Sequential(
-        nn.Flatten(), nn.Linear(7 * 7 * 64, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 10)
+        nn.Flatten(), nn.Linear(7 * 7 * 64, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, NUM_CLASSES)
     )
     net = Net(features, classifier)
     for m in net.modules():
@@ -72,7 +78,7 @@ def keras(batchnorm: bool = False, dropout: float = 0.0) -> Net:
         nn.MaxPool2d(2),
     )
     classifier = nn.Sequential(
-        nn.Flatten(), nn.Linear(5 * 5 * 64, 64), nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, 10)
+        nn.Flatten(), nn.Linear(5 * 5 * 64, 64), nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, NUM_CLASSES)
     )
     return Net(features, classifier)
 
@@ -105,7 +111,9 @@ def resnet(batchnorm: bool = True, dropout: float = 0.0) -> Net:
         BasicBlock(16, 32, stride=2),
         BasicBlock(32, 64, stride=2),
     )
-    classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(64, 10))
+    classifier = nn.Sequential(
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(64, NUM_CLASSES)
+    )
     return Net(features, classifier)
 
 
@@ -125,7 +133,7 @@ def best(batchnorm: bool = True, dropout: float = 0.3) -> Net:
         nn.BatchNorm1d(256),
         nn.ReLU(),
         nn.Dropout(dropout),
-        nn.Linear(256, 10),
+        nn.Linear(256, NUM_CLASSES),
     )
     return Net(features, classifier)
 
@@ -194,7 +202,7 @@ def layer_table(model: Net) -> list[LayerRow]:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, 1, 28, 28, device=next(model.parameters()).device))
+        model(torch.zeros(1, *IMAGE_SHAPE, device=next(model.parameters()).device))
     model.train(was_training)
     for h in hooks:
         h.remove()

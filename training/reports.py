@@ -10,10 +10,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from torch import nn  # noqa: E402
 
+from serving.contract import IMAGE_SIDE, NUM_CLASSES  # noqa: E402
+
 
 def confusion_matrix(labels: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """[true, predicted] counts."""
-    return np.bincount(labels * 10 + pred, minlength=100).reshape(10, 10)
+    return np.bincount(labels * NUM_CLASSES + pred, minlength=NUM_CLASSES**2).reshape(
+        NUM_CLASSES, NUM_CLASSES
+    )
 
 
 def write_metrics(out: Path, metrics: dict) -> None:
@@ -39,12 +43,16 @@ def plot_curves(out: Path, history: dict) -> None:
 def plot_confusion(out: Path, cm: np.ndarray) -> None:
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.imshow(np.log1p(cm), cmap="Blues")  # log: the diagonal would wash out every error
-    for t in range(10):
-        for p in range(10):
+    for t in range(NUM_CLASSES):
+        for p in range(NUM_CLASSES):
             if cm[t, p]:
                 ax.text(p, t, str(cm[t, p]), ha="center", va="center", fontsize=7)
     ax.set(
-        xlabel="predicted", ylabel="true", xticks=range(10), yticks=range(10), title="test confusion matrix"
+        xlabel="predicted",
+        ylabel="true",
+        xticks=range(NUM_CLASSES),
+        yticks=range(NUM_CLASSES),
+        title="test confusion matrix",
     )
     fig.tight_layout()
     fig.savefig(out / "confusion.png", dpi=100)
@@ -73,7 +81,7 @@ def plot_filters(out: Path, net: nn.Module) -> None:
     conv = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is None:  # the MLP has no filters; plot its first layer's weights as 28x28 templates instead
         first = next(m for m in net.modules() if isinstance(m, nn.Linear))
-        weights = first.weight.detach().cpu().numpy()[:32].reshape(-1, 28, 28)
+        weights = first.weight.detach().cpu().numpy()[:32].reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
         title = "first layer weights (first 32 units)"
     else:
         weights = conv.weight.detach().cpu().numpy()[:, 0]
