@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from training.cli import build_parser, main, parse_config
-from training.config import ARCH_PRESETS, TrainConfig
+from training.config import ARCH_PRESETS, ENSEMBLE_RECIPE, TrainConfig, describe
 from training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_every_value_flag_is_in_a_table():
 def test_numeric_flag(flag, value, outcome, tmp_path, capsys):
     argv = [flag, value, "--repo", str(tmp_path / "models")]
     if outcome == OK:
-        config = parse_config(argv)
+        config, _ = parse_config(argv)
         field = flag[2:].replace("-", "_")
         got = getattr(config.train, field) if hasattr(config.train, field) else getattr(config, field)
         assert got == ((int(value),) if flag == "--seeds" else float(value))
@@ -169,8 +169,10 @@ def test_numeric_flag(flag, value, outcome, tmp_path, capsys):
         (["--val-size", "0", "--schedule", "plateau"], "--val-size"),
         (["--val-size", "0", "--early-stopping", "2"], "--val-size"),
         (["--freeze", "features"], "--init-from"),
-        (["--ensemble", "digits"], "--seeds"),
         (["--ensemble", "digits", "--seeds", "3"], "at least 2"),
+        (["--ensemble", "digits", "--arch", "cnn2"], "--seeds"),
+        (["--ensemble", "digits", "--seed", "3"], "--seeds"),
+        (["--ensemble", "digits", "--checkpoint", "c.pt"], "--checkpoint"),
         (["--ensemble", "mnist", "--seeds", "1,2"], "name of its own"),
         (["--seeds", "1,1"], "twice"),
         (["--members", "a:1,b:2"], "--ensemble"),
@@ -199,10 +201,10 @@ def test_default_recipe_is_the_documented_one():
     """benchmarks/training.md spells the default run's settings out; they must be what a bare run uses."""
     text = (ROOT / "benchmarks" / "training.md").read_text()
     (documented,) = re.findall(r"default recipe[^`]*`mnist-train ([^`]+)`", text, flags=re.I)
-    bare = parse_config([]).train
-    spelled_out = parse_config(documented.split()).train
+    (bare,) = parse_config([])[1]
+    (spelled_out,) = parse_config(documented.split())[1]
     assert spelled_out == bare
-    assert (bare.arch, bare.epochs, bare.schedule, bare.amp) == ("cnn2", 3, "onecycle", True)
+    assert (bare.arch, bare.epochs, bare.schedule, bare.amp) == ("small", 2, "onecycle", True)
 
 
 def test_help_states_the_best_recipe(capsys):
@@ -212,8 +214,30 @@ def test_help_states_the_best_recipe(capsys):
     for key, value in ARCH_PRESETS["best"].items():
         assert f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}") in text
     assert "rotation +-10 deg" in text
-    cfg = parse_config(["--arch", "best"]).train
+    (cfg,) = parse_config(["--arch", "best"])[1]
     assert all(getattr(cfg, key) == value for key, value in ARCH_PRESETS["best"].items())
+
+
+def test_an_explicit_flag_beats_the_arch_preset_a_default_does_not():
+    (cfg,) = parse_config(["--arch", "best", "--epochs", "2", "--lr", "0.003"])[1]
+    assert (cfg.epochs, cfg.lr, cfg.optimizer) == (2, 0.003, "adamw")
+
+
+def test_the_ensemble_recipe_trains_its_members_with_the_flags_given(capsys):
+    config, trainings = parse_config(
+        ["--ensemble", "mix", "--name", "parts", "--epochs", "1", "--train-limit", "500"]
+    )
+    assert config.trains_recipe and len(trainings) == len(ENSEMBLE_RECIPE) >= 3
+    assert len({(t.arch, t.elastic) for t in trainings}) >= 3  # members differ in more than their seed
+    for cfg, member in zip(trainings, ENSEMBLE_RECIPE, strict=True):
+        assert (cfg.epochs, cfg.train_limit) == (1, 500)  # the flags given, for every member
+        assert all(getattr(cfg, key) == value for key, value in member.items() if key != "epochs")
+        preset = ARCH_PRESETS.get(member["arch"], {})
+        assert all(getattr(cfg, k) == v for k, v in preset.items() if k not in member and k != "epochs")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(describe(member) in text for member in ENSEMBLE_RECIPE)  # the recipe is spelled out in --help
 
 
 def test_help_explains_no_hflip(capsys):
@@ -268,9 +292,7 @@ def test_a_one_cycle_run_resumes_only_to_its_planned_epochs(tmp_path, mnist, cap
 
 @pytest.mark.slow
 def test_one_epoch_on_real_mnist_serves_98_percent(tmp_path, mnist):
-    result = mnist_train(
-        "--arch", "cnn2", "--epochs", "1", "--repo", str(tmp_path / "models"), "--name", "mnist"
-    )
+    result = mnist_train("--epochs", "1", "--repo", str(tmp_path / "models"), "--name", "mnist")
     assert result.returncode == 0, result.stderr
     version = tmp_path / "models" / "mnist" / "1"
     assert result.stdout.strip().splitlines()[-1] == f"exported: {version}"

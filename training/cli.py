@@ -12,7 +12,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
-from dataclasses import asdict, replace  # noqa: E402
+from dataclasses import asdict, fields  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -66,12 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv: list[str] | None) -> RunConfig:
-    """Every flag checked before anything starts: a bad one exits with one `mnist-train: error:` line."""
+def parse_config(argv: list[str] | None) -> tuple[RunConfig, list[TrainConfig]]:
+    """The command's configuration and the models it trains, in order. Every flag is checked before anything
+    starts: a bad one exits with one `mnist-train: error:` line."""
     parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**ARCH_PRESETS.get(known.arch, {}))
-    return build_config(parser, RunConfig, parser.parse_args(argv))
+    namespace = parser.parse_args(argv)
+    given = {name: getattr(namespace, name) for name in given_flags(parser, argv) if name in TRAIN_FIELDS}
+    for name, value in ARCH_PRESETS.get(namespace.arch, {}).items():
+        if name not in given:
+            setattr(namespace, name, value)
+    config = build_config(parser, RunConfig, namespace)
+    try:
+        return config, config.trainings(given)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The fields whose flags the command line gives (argparse fills in a default only where a field is
+    missing from the namespace it is handed)."""
+    unset = object()
+    names = TRAIN_FIELDS | {f.name for f in fields(RunConfig)}
+    namespace = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, unset)))
+    return {name for name, value in vars(namespace).items() if value is not unset}
 
 
 class Phases:
@@ -97,7 +117,7 @@ class Phases:
 def run(argv: list[str] | None, written: list[str]) -> None:
     """The whole command; appends each version it writes to `written` as it goes."""
     phases = Phases()
-    config = parse_config(argv)
+    config, trainings = parse_config(argv)
     cfg = config.train
     # The cores this process may use (taskset, cpusets), not the machine's: extra threads only contend.
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -114,9 +134,8 @@ def run(argv: list[str] | None, written: list[str]) -> None:
                 "the model or the loop is broken"
             )
         return
-    if not members:
-        for seed in config.seeds or [cfg.seed]:
-            members.append(train_and_export(config, replace(cfg, seed=seed), mnist, resume, phases, written))
+    for training in trainings:
+        members.append(train_and_export(config, training, mnist, resume, phases, written))
     if config.ensemble is not None:
         with phases("ensemble"):
             path = export_ensemble(config.repo, config.ensemble, members, mnist)

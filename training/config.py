@@ -5,7 +5,7 @@ get the same checks."""
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from serving.commandline import flag, flag_name, require, within
@@ -35,11 +35,14 @@ SEVERAL = (
 class TrainConfig:
     """Everything a trained model depends on; the defaults are the default run (benchmarks/training.md)."""
 
-    arch: str = field(default="cnn2", metadata=flag("architecture", choices=tuple(models.ARCHS), group=MODEL))
+    arch: str = field(
+        default="small", metadata=flag("architecture", choices=tuple(models.ARCHS), group=MODEL)
+    )
     batchnorm: bool | None = field(
         default=None,
         metadata=flag(
-            "BatchNorm after each conv, before ReLU (default: the arch's own; cnn2: off, resnet/best: on)",
+            "BatchNorm after each conv, before ReLU (default: the arch's own; cnn2, cnn, keras: off, "
+            "the others: on)",
             group=MODEL,
         ),
     )
@@ -49,10 +52,10 @@ class TrainConfig:
             "dropout before the last fc layer (default: the arch's own; cnn2: 0)", metavar="P", group=MODEL
         ),
     )
-    epochs: int = field(default=3, metadata=flag("passes over the training split", group=OPTIMISATION))
+    epochs: int = field(default=2, metadata=flag("passes over the training split", group=OPTIMISATION))
     batch_size: int = field(default=128, metadata=flag("training batch size", group=OPTIMISATION))
     lr: float = field(
-        default=3e-3, metadata=flag("learning rate (peak rate for onecycle)", group=OPTIMISATION)
+        default=0.01, metadata=flag("learning rate (peak rate for onecycle)", group=OPTIMISATION)
     )
     optimizer: str = field(
         default="adam", metadata=flag("sgd uses Nesterov momentum", choices=OPTIMIZERS, group=OPTIMISATION)
@@ -87,7 +90,7 @@ class TrainConfig:
         ),
     )
     label_smoothing: float = field(
-        default=0.0, metadata=flag("cross-entropy label smoothing; 0: none", group=OPTIMISATION)
+        default=0.1, metadata=flag("cross-entropy label smoothing; 0: none", group=OPTIMISATION)
     )
     class_weights: bool = field(
         default=False, metadata=flag("weight the loss by inverse class frequency", group=OPTIMISATION)
@@ -201,20 +204,38 @@ def real(value: object, low: float, high: float) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and within(value, low, high)
 
 
-# The strongest single model's recipe, applied under --arch best unless the command line says otherwise: the
-# wider BN CNN (dropout 0.3), trained on augmented digits with AdamW and a one-cycle schedule.
-ARCH_PRESETS = {
-    "best": dict(
-        epochs=15,
-        batch_size=128,
-        lr=3e-3,
-        schedule="onecycle",
-        augment=True,
-        label_smoothing=0.05,
-        weight_decay=5e-4,
-        optimizer="adamw",
-    ),
-}
+# The strongest single model's recipe: 15 epochs on augmented digits with AdamW and a one-cycle schedule.
+BEST_RECIPE = dict(
+    epochs=15,
+    batch_size=128,
+    lr=3e-3,
+    schedule="onecycle",
+    augment=True,
+    label_smoothing=0.05,
+    weight_decay=5e-4,
+    optimizer="adamw",
+)
+# Applied under --arch NAME for each value the command line does not give.
+ARCH_PRESETS = {"best": BEST_RECIPE, "strided": BEST_RECIPE}
+
+# What --ensemble NAME trains when neither --seeds nor --members names its members: models that err
+# differently (other architectures, other augmentations), each exported as a version of --name.
+ENSEMBLE_RECIPE: tuple[dict, ...] = (
+    dict(arch="best", seed=0),
+    dict(arch="best", seed=1),
+    dict(arch="best", elastic=True, seed=2),
+    dict(arch="resnet", **BEST_RECIPE, seed=0),
+)
+
+
+def describe(member: dict) -> str:
+    """An ensemble recipe member as the flags that train it alone."""
+    preset = ARCH_PRESETS.get(member["arch"], {})
+    words = [f"--arch {member['arch']}"]
+    for key, value in member.items():
+        if key != "arch" and preset.get(key) != value:
+            words.append(f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}"))
+    return " ".join(words)
 
 
 @dataclass
@@ -283,7 +304,10 @@ class RunConfig:
     ensemble: str | None = field(
         default=None,
         metadata=flag(
-            "also export the models trained with --seeds, or the --members, as one model NAME",
+            "also export one model NAME that averages the models trained with --seeds, or the --members; "
+            "with neither, train the ensemble recipe's members (as versions of --name) first: "
+            + "; ".join(describe(member) for member in ENSEMBLE_RECIPE)
+            + ". The flags given apply to every member, except --arch and --seed, which the recipe sets",
             metavar="NAME",
             group=SEVERAL,
         ),
@@ -308,9 +332,10 @@ class RunConfig:
                     f"integers from 0 to {MAX_SEED}", self.seeds)  # fmt: skip
             require(len(set(self.seeds)) == len(self.seeds), c, "seeds", "distinct (a seed is listed twice)",
                     self.seeds)  # fmt: skip
-            for name in ("resume", "checkpoint", "overfit_batch"):
-                if getattr(self, name):
-                    raise ValueError(f"{flag_name(c, name)} is for one run, --seeds starts several")
+        several = "--seeds" if self.seeds is not None else "--ensemble" if self.trains_recipe else None
+        for name in ("resume", "checkpoint", "overfit_batch"):
+            if several and getattr(self, name):
+                raise ValueError(f"{flag_name(c, name)} is for one run, {several} starts several")
         self.check_ensemble()
         for name in ("repo", "data_dir", "cache_dir", "checkpoint", "resume"):
             value = getattr(self, name)
@@ -339,12 +364,33 @@ class RunConfig:
             if self.train.init_from:
                 raise ValueError("--members trains nothing, so --init-from has nothing to act on")
             member_names = {name for name, _ in self.member_list()}
-        elif self.ensemble is not None and (self.seeds is None or len(self.seeds) < 2):
-            raise ValueError("--ensemble needs its members: --seeds with at least 2 seeds, or --members")
+        elif self.ensemble is not None and self.seeds is not None and len(self.seeds) < 2:
+            raise ValueError("--ensemble with --seeds needs at least 2 seeds")
         else:
             member_names = {self.name}
         if self.ensemble in member_names:
             raise ValueError(f"--ensemble needs a name of its own: {self.ensemble} holds its members")
+
+    @property
+    def trains_recipe(self) -> bool:
+        """--ensemble alone: the ensemble recipe's members are trained."""
+        return self.ensemble is not None and self.seeds is None and self.members is None
+
+    def trainings(self, given: dict) -> list[TrainConfig]:
+        """The models this command trains, in order; `given` holds the TrainConfig values the command line
+        gave, which apply to every member of the ensemble recipe."""
+        if self.members is not None:
+            return []
+        if self.seeds is not None:
+            return [replace(self.train, seed=seed) for seed in self.seeds]
+        if not self.trains_recipe:
+            return [self.train]
+        if given.keys() & {"arch", "seed"}:
+            raise ValueError(
+                "the ensemble recipe sets each member's --arch and --seed; "
+                "to ensemble one recipe's models, give --seeds"
+            )
+        return [TrainConfig(**{**ARCH_PRESETS.get(m["arch"], {}), **m, **given}) for m in ENSEMBLE_RECIPE]
 
     def member_list(self) -> list[tuple[str, int | None]]:
         """--members as (name, version or None for the latest)."""

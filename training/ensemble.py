@@ -84,4 +84,10 @@ def export_ensemble(repo: Path, name: str, members: list[Member], mnist: MNIST) 
     }
     member_accuracies = ", ".join(f"{m['test_accuracy']:.4f}" for m in listed)
     print(f"ensemble of {len(members)}: test accuracy {test_accuracy:.4f} (members {member_accuracies})")
-    return write_version(repo, name, model_bytes, lambda out: reports.write_metrics(out, metrics))
+
+    def extras(out: Path) -> None:
+        reports.write_metrics(out, metrics)
+        reports.plot_confusion(out, cm)
+        reports.plot_misclassified(out, mnist.test_images, mnist.test_labels, expected.argmax(1))
+
+    return write_version(repo, name, model_bytes, extras)

@@ -23,9 +23,12 @@ class Net(nn.Module):
         return self.classifier(self.features(x))
 
 
-def conv_block(c_in: int, c_out: int, batchnorm: bool, padding: int = 1) -> list[nn.Module]:
+def conv_block(
+    c_in: int, c_out: int, batchnorm: bool, padding: int = 1, kernel: int = 3, stride: int = 1
+) -> list[nn.Module]:
     # No conv bias when BN follows: BN's shift makes it redundant.
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=padding, bias=not batchnorm)]
+    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=not batchnorm)
+    layers: list[nn.Module] = [conv]
     if batchnorm:
         layers.append(nn.BatchNorm2d(c_out))
     return [*layers, nn.ReLU()]
@@ -67,6 +70,18 @@ def cnn2(batchnorm: bool = False, dropout: float = 0.0) -> Net:
         if isinstance(m, nn.Conv2d | nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
     return net
+
+
+def small(batchnorm: bool = True, dropout: float = 0.0) -> Net:
+    """cnn2's shape at half its width (16 and 32 channels) with batch-norm: under half of cnn2's FP32 training
+    time per image, and with BN it reaches cnn2's accuracy in two epochs. The default architecture."""
+    features = nn.Sequential(
+        *conv_block(1, 16, batchnorm), nn.MaxPool2d(2), *conv_block(16, 32, batchnorm), nn.MaxPool2d(2)
+    )
+    classifier = nn.Sequential(
+        nn.Flatten(), nn.Linear(7 * 7 * 32, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, NUM_CLASSES)
+    )
+    return Net(features, classifier)
 
 
 def keras(batchnorm: bool = False, dropout: float = 0.0) -> Net:
@@ -138,13 +153,34 @@ def best(batchnorm: bool = True, dropout: float = 0.3) -> Net:
     return Net(features, classifier)
 
 
+def strided(batchnorm: bool = True, dropout: float = 0.4) -> Net:
+    """A VGG-style CNN that downsamples with strided 5x5 convolutions instead of pooling, valid 3x3
+    convolutions (28 -> 26 -> 24 -> 12 -> 10 -> 8 -> 4 -> 1), BN and dropout after each stage: a design unlike
+    `best`'s, so that it errs on other digits (an ensemble member)."""
+    features = nn.Sequential(
+        *conv_block(1, 32, batchnorm, padding=0),
+        *conv_block(32, 32, batchnorm, padding=0),
+        *conv_block(32, 32, batchnorm, padding=2, kernel=5, stride=2),
+        nn.Dropout(dropout),
+        *conv_block(32, 64, batchnorm, padding=0),
+        *conv_block(64, 64, batchnorm, padding=0),
+        *conv_block(64, 64, batchnorm, padding=2, kernel=5, stride=2),
+        nn.Dropout(dropout),
+        *conv_block(64, 128, batchnorm, padding=0, kernel=4),
+    )
+    classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(128, NUM_CLASSES))
+    return Net(features, classifier)
+
+
 ARCHS: dict[str, Callable[..., Net]] = {
     "mlp": mlp,
     "cnn": cnn,
     "cnn2": cnn2,
+    "small": small,
     "keras": keras,
     "resnet": resnet,
     "best": best,
+    "strided": strided,
 }
 
 

@@ -62,16 +62,24 @@ def plot_confusion(out: Path, cm: np.ndarray) -> None:
 def plot_misclassified(
     out: Path, images: np.ndarray, labels: np.ndarray, pred: np.ndarray, n: int = 36
 ) -> None:
+    """The first n misclassified test digits in one mosaic, each labelled "predicted / true" and its index."""
     wrong = np.flatnonzero(pred != labels)[:n]
     cols = 6
     rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.7), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, wrong, strict=False):
-        ax.imshow(images[i], cmap="gray_r")
-        ax.set_title(f"pred {pred[i]} / true {labels[i]}", fontsize=8)
-    fig.suptitle(f"misclassified test digits ({int((pred != labels).sum())} in all)")
+    cell = IMAGE_SIDE + 12  # room for the label above each digit
+    mosaic = np.zeros((rows * cell, cols * cell), dtype=np.uint8)
+    fig, ax = plt.subplots(figsize=(cols * 1.3, rows * 1.3 + 0.4))
+    for k, i in enumerate(wrong):
+        r, c = divmod(k, cols)
+        mosaic[r * cell + 10 : r * cell + 10 + IMAGE_SIDE, c * cell + 6 : c * cell + 6 + IMAGE_SIDE] = images[
+            i
+        ]
+        ax.text(c * cell + cell / 2, r * cell + 5, f"{pred[i]} / {labels[i]}  #{i}", ha="center", fontsize=7)
+    ax.imshow(mosaic, cmap="gray_r", interpolation="nearest")  # one image: 36 subplots took a second
+    ax.axis("off")
+    ax.set_title(
+        f"misclassified test digits ({int((pred != labels).sum())} in all): predicted / true  #index"
+    )
     fig.tight_layout()
     fig.savefig(out / "misclassified.png", dpi=100)
     plt.close(fig)
