@@ -18,6 +18,7 @@ import serving
 modules = [m.name for m in pkgutil.walk_packages(serving.__path__, "serving.")]
 for name in modules:
     importlib.import_module(name)
+import serving.mnist  # mnist-bench reads the test digits through it
 from serving.bench.cli import main
 try:
     main(["--help"])

@@ -1,6 +1,7 @@
 """The training loop's pieces (optimisers, schedules), its per-epoch record, and its checkpoints."""
 
 import re
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -65,3 +66,16 @@ def test_each_epoch_reports_its_own_time(mnist):
     assert sum(seconds) <= result.wall_time  # each epoch's own time, not the time since the start
     printed = [float(m) for m in re.findall(r"^epoch \d/3: .*\((\d+\.\d)s\)$", "\n".join(lines), re.M)]
     assert printed == pytest.approx(seconds, abs=0.06)
+
+
+def test_no_validation_split_trains_on_every_digit_and_plots_train_only(mnist, tmp_path):
+    from training import reports
+
+    lines: list[str] = []
+    cfg = TrainConfig(arch="keras", epochs=2, train_limit=1000, val_size=0, schedule="none")
+    result = train(cfg, mnist, log=lines.append)
+    history = result.history
+    assert len(history.train_loss) == 2 and history.val_loss == [] and history.val_acc == []
+    assert not any("val" in line for line in lines if line.startswith("epoch"))
+    reports.plot_curves(tmp_path, asdict(history))
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -28,8 +28,9 @@ def plot_curves(out: Path, history: dict) -> None:
     epochs = range(1, len(history["train_loss"]) + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for split in ("train", "val"):
-        ax_loss.plot(epochs, history[f"{split}_loss"], marker="o", label=split)
-        ax_acc.plot(epochs, history[f"{split}_acc"], marker="o", label=split)
+        if history[f"{split}_loss"]:  # no validation split: train only
+            ax_loss.plot(epochs, history[f"{split}_loss"], marker="o", label=split)
+            ax_acc.plot(epochs, history[f"{split}_acc"], marker="o", label=split)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):

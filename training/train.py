@@ -223,26 +223,24 @@ def train(
     for epoch in range(first_epoch + 1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         train_loss, train_acc = train_epoch(run, x_train, y_train, f"epoch {epoch}/{cfg.epochs}")
-        val_loss, val_acc = evaluate(model, x_val, y_val, device)
-        if isinstance(run.schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            run.schedule.step(val_loss)
-        seconds = time.perf_counter() - epoch_start
-        for name, value in zip(
-            ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds"),
-            (train_loss, train_acc, val_loss, val_acc, run.opt.param_groups[0]["lr"], round(seconds, 2)),
-            strict=True,
-        ):
+        record = {"train_loss": train_loss, "train_acc": train_acc, "lr": run.opt.param_groups[0]["lr"]}
+        line = f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f}"
+        if len(x_val):  # --val-size 0 trains on every training digit and validates nothing
+            val_loss, val_acc = evaluate(model, x_val, y_val, device)
+            record |= {"val_loss": val_loss, "val_acc": val_acc}
+            line += f"  val loss {val_loss:.4f} acc {val_acc:.4f}"
+            if isinstance(run.schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                run.schedule.step(val_loss)
+        record["epoch_seconds"] = round(time.perf_counter() - epoch_start, 2)
+        for name, value in record.items():
             getattr(history, name).append(value)
-        log(
-            f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f}  "
-            f"val loss {val_loss:.4f} acc {val_acc:.4f}  ({seconds:.1f}s)"
-        )
+        log(f"{line}  ({record['epoch_seconds']:.1f}s)")
         checkpoint = run.state(history, epoch)
         if checkpoint_path is not None:
             save_atomic(checkpoint, checkpoint_path)
         if cfg.early_stopping:
-            if val_loss < best[0]:
-                best = (val_loss, copy.deepcopy(model.state_dict()))
+            if history.val_loss[-1] < best[0]:
+                best = (history.val_loss[-1], copy.deepcopy(model.state_dict()))
             elif epoch - 1 - int(np.argmin(history.val_loss)) >= cfg.early_stopping:
                 log(f"early stopping: no validation-loss improvement for {cfg.early_stopping} epochs")
                 break
