@@ -62,12 +62,12 @@ def test_train_limit_caps_validation_at_a_tenth():
     assert set(indices(x_train)) | set(indices(x_val)) == set(range(500))
 
 
-def test_elastic_field_is_smooth_and_about_a_pixel_and_a_half():
+def test_elastic_field_is_smooth_and_about_a_pixel():
     field = elastic_field(torch.zeros(64, 1, 28, 28), torch.Generator().manual_seed(0))
     assert field.shape == (64, 28, 28, 2)
     inner = field[:, 8:20, 8:20]  # away from the zero-padded border of the smoothing
     rms = inner.pow(2).mean().sqrt().item()
-    assert 0.8 < rms < 2.5 and rms < ELASTIC_ALPHA / 10
+    assert 0.7 < rms < 1.5 and rms < ELASTIC_ALPHA / 10
     step = (inner[:, 1:] - inner[:, :-1]).pow(2).mean().sqrt().item()
     assert step < rms / 3  # neighbours move together: a smooth bend, not pixel noise
 
@@ -91,4 +91,4 @@ def test_elastic_distortion_bends_digits_but_keeps_them_in_place():
         )
 
     shift = (centre(out) - centre(x)).norm(dim=1)
-    assert shift.mean() < 3 and shift.max() < 8  # +-2 px translation plus a local bend of ~1.4 px rms
+    assert shift.mean() < 3 and shift.max() < 8  # +-2 px translation plus a local bend of ~1 px rms

@@ -118,7 +118,7 @@ class TrainConfig:
         default=False,
         metadata=flag(
             "elastic distortion of the training batches (Simard et al. 2003: smooth random displacements, "
-            "sigma 4 px, alpha 34), after --augment's warp if both are on",
+            "sigma 6 px, alpha 36), after --augment's warp if both are on",
             group=AUGMENTATION,
         ),
     )

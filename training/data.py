@@ -12,9 +12,10 @@ from serving.contract import IMAGE_SIDE
 from serving.mnist import MEAN, MNIST, STD
 
 # Elastic distortion as Simard et al. (2003) define it: a field of uniform(-1, 1) pixel displacements,
-# smoothed by a Gaussian of ELASTIC_SIGMA pixels and scaled by ELASTIC_ALPHA; it moves strokes by about 1.4 px
-# (rms) in smooth, local bends that an affine warp cannot make.
-ELASTIC_ALPHA, ELASTIC_SIGMA = 34.0, 4.0
+# smoothed by a Gaussian of ELASTIC_SIGMA pixels and scaled by ELASTIC_ALPHA; it moves strokes by about 1 px
+# (rms) in smooth, local bends that an affine warp cannot make. Ciresan et al.'s MNIST values (sigma 6,
+# alpha 36): with Simard's sharper sigma 4, alpha 34 on top of the affine warp, `best` fell to 99.12 %.
+ELASTIC_ALPHA, ELASTIC_SIGMA = 36.0, 6.0
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
