@@ -43,7 +43,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.client import MnistClient
-from training.data import load_mnist
+from serving.mnist import load_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENT = ROOT / "deploy" / "kubernetes" / "base" / "deployment.yaml"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.mnist import load_mnist
 from serving.runtime import ModelSession, RuntimeOptions
-from training.data import load_mnist
 
 
 def throughput(

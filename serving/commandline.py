@@ -4,7 +4,8 @@ A config dataclass declares each flag on its field, `field(default=..., metadata
 checks its own values in `__post_init__`, raising ValueError with the flag's name. `add_flags` turns the
 fields into argparse options with those defaults, `from_flags` builds the dataclass back from the parsed
 namespace, and `build_config` reports a ValueError as the command's one-line usage error. Nested config
-dataclasses (the runtime options inside the server config) contribute their flags too.
+dataclasses (the runtime options inside the server config) contribute their flags too. A flag may name the
+help section it is listed under (`group`); flags without one are listed with the parser's own options.
 """
 
 import argparse
@@ -43,9 +44,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def flag(help: str, *, name: str | None = None, metavar: str | None = None, choices=None) -> dict[str, Any]:
-    """Field metadata that makes a config field a command-line flag (--field-name unless `name` is given)."""
-    return {"help": help, "flag": name, "metavar": metavar, "choices": choices}
+def flag(
+    help: str, *, name: str | None = None, metavar: str | None = None, choices=None, group: str | None = None
+) -> dict[str, Any]:
+    """Field metadata that makes a config field a command-line flag (--field-name unless `name` is given),
+    listed in `--help` under the section titled `group` if one is given."""
+    return {"help": help, "flag": name, "metavar": metavar, "choices": choices, "group": group}
 
 
 def flag_name(cls: type, field_name: str) -> str:
@@ -130,11 +134,12 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
         if "help" not in f.metadata:
             continue
         meta = f.metadata
+        target = _group(parser, meta.get("group"))
         name = meta["flag"] or "--" + f.name.replace("_", "-")
         kind = _unwrap(hints[f.name])
         common = {"dest": f.name, "default": value, "help": meta["help"]}
         if kind is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, **common)
+            target.add_argument(name, action=argparse.BooleanOptionalAction, **common)
             continue
         if typing.get_origin(kind) is tuple:
             parse = number_list(typing.get_args(kind)[0])
@@ -142,7 +147,15 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
             parse = number(kind)
         else:
             parse = kind
-        parser.add_argument(name, type=parse, metavar=meta["metavar"], choices=meta["choices"], **common)
+        target.add_argument(name, type=parse, metavar=meta["metavar"], choices=meta["choices"], **common)
+
+
+def _group(parser: argparse.ArgumentParser | argparse._ArgumentGroup, title: str | None):
+    """The parser's help section titled `title`, created on first use; the parser itself without a title."""
+    if title is None or not isinstance(parser, argparse.ArgumentParser):
+        return parser
+    existing = next((g for g in parser._action_groups if g.title == title), None)
+    return existing or parser.add_argument_group(title)
 
 
 def from_flags(cls: type[T], namespace: argparse.Namespace) -> T:

@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from serving.contract import IMAGE_PIXELS, INPUT_NAME, LABELS, NUM_CLASSES, OUTPUT_NAME
+from serving.mnist import MEAN, STD
 
 # Batched and unbatched runs of one model on CPU use the same kernels; rows may differ by float rounding.
 BATCH_TOLERANCE = 1e-6
@@ -64,8 +65,8 @@ def linear_model(
             helper.make_node("Sub", ["unit", "mean"], ["centred"]),
             helper.make_node("Div", ["centred", "std"], ["features"]),
         ]
-        constants |= {"scale": np.array(255.0, np.float32), "mean": np.array(0.1307, np.float32),
-                      "std": np.array(0.3081, np.float32)}  # fmt: skip
+        constants |= {"scale": np.array(255.0, np.float32), "mean": np.array(MEAN, np.float32),
+                      "std": np.array(STD, np.float32)}  # fmt: skip
     else:
         nodes.append(helper.make_node("Identity", ["as_float"], ["features"]))
     nodes += [
@@ -88,7 +89,7 @@ def linear_model(
 
 def fitted_weights(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Ridge-regression weights for linear_model(normalise=True): ~85 % on MNIST, fitted in a second."""
-    x = (images.reshape(-1, IMAGE_PIXELS) / 255.0 - 0.1307) / 0.3081
+    x = (images.reshape(-1, IMAGE_PIXELS) / 255.0 - MEAN) / STD
     y = np.eye(NUM_CLASSES)[labels]
     return np.linalg.solve(x.T @ x + 100.0 * np.eye(IMAGE_PIXELS), x.T @ (y * 8.0 - 4.0)).astype(np.float32)
 

@@ -37,8 +37,7 @@ SERVER_AND_CLIENTS = IMPORT_WITHOUT.format(
 BENCH = IMPORT_WITHOUT.format(
     blocked=NOT_FOR_SERVING,
     select="m.startswith('serving.bench')",
-    then="""import training.data  # mnist-bench reads the test digits through it
-from serving.bench.cli import main
+    then="""from serving.bench.cli import main
 try:
     main(["--help"])
 except SystemExit as e:

@@ -9,7 +9,16 @@ SERVING = Path(__file__).resolve().parents[1] / "serving"
 
 # Lowest first. A module imports modules of its own layer and of the layers below it, never above.
 LAYERS = [
-    {"contract", "errors", "commandline", "config", "eventloop", "security", "proto"},  # plain data, helpers
+    {
+        "contract",
+        "errors",
+        "commandline",
+        "config",
+        "eventloop",
+        "security",
+        "proto",
+        "mnist",
+    },  # plain data, helpers
     {"statistics", "metrics", "buckets", "images", "runtime", "batcher", "repository"},  # models, batches
     {"rpc", "kserve", "classify", "control", "http"},  # the servicers, the supervisor-worker protocol, HTTP
     {"process"},  # what every server process does alike
@@ -28,7 +37,7 @@ SIBLINGS = {"server", "supervisor"}  # neither imports the other: the command co
 COMMAND_LINE = {
     "commandline": {"config", "cli", "client", "bench"}
 }  # flag helpers: configs and commands only
-NEVER = {"torch"}  # packages no serving module imports (a serving-only install has no PyTorch)
+NEVER = {"torch", "training"}  # no serving module imports these (a serving-only install has no PyTorch)
 LIGHT = {"config": {"onnxruntime", "grpc"}}  # importing the module (and all it imports) loads none of these
 
 

@@ -1,8 +1,11 @@
 """mnist-train end to end: every flag checked before anything starts, bad input gives one clear line and
 writes nothing; the default recipe is the documented one; 1 real epoch serves >= 98%."""
 
+import argparse
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,8 +16,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from training.cli import ARCH_PRESETS, build_parser, main, parse_config
-from training.train import TrainConfig, train
+from training.cli import build_parser, main, parse_config
+from training.config import ARCH_PRESETS, ENSEMBLE_RECIPE, TrainConfig, describe
+from training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,10 +146,10 @@ def test_every_value_flag_is_in_a_table():
 def test_numeric_flag(flag, value, outcome, tmp_path, capsys):
     argv = [flag, value, "--repo", str(tmp_path / "models")]
     if outcome == OK:
-        args, cfg = parse_config(argv)
+        config, _ = parse_config(argv)
         field = flag[2:].replace("-", "_")
-        got = getattr(cfg, field) if hasattr(cfg, field) else getattr(args, field)
-        assert got == ([int(value)] if flag == "--seeds" else float(value))
+        got = getattr(config.train, field) if hasattr(config.train, field) else getattr(config, field)
+        assert got == ((int(value),) if flag == "--seeds" else float(value))
         return
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -165,8 +169,10 @@ def test_numeric_flag(flag, value, outcome, tmp_path, capsys):
         (["--val-size", "0", "--schedule", "plateau"], "--val-size"),
         (["--val-size", "0", "--early-stopping", "2"], "--val-size"),
         (["--freeze", "features"], "--init-from"),
-        (["--ensemble", "digits"], "--seeds"),
         (["--ensemble", "digits", "--seeds", "3"], "at least 2"),
+        (["--ensemble", "digits", "--arch", "cnn2"], "--seeds"),
+        (["--ensemble", "digits", "--seed", "3"], "--seeds"),
+        (["--ensemble", "digits", "--checkpoint", "c.pt"], "--checkpoint"),
         (["--ensemble", "mnist", "--seeds", "1,2"], "name of its own"),
         (["--seeds", "1,1"], "twice"),
         (["--members", "a:1,b:2"], "--ensemble"),
@@ -195,10 +201,10 @@ def test_default_recipe_is_the_documented_one():
     """benchmarks/training.md spells the default run's settings out; they must be what a bare run uses."""
     text = (ROOT / "benchmarks" / "training.md").read_text()
     (documented,) = re.findall(r"default recipe[^`]*`mnist-train ([^`]+)`", text, flags=re.I)
-    _, bare = parse_config([])
-    _, spelled_out = parse_config(documented.split())
+    (bare,) = parse_config([])[1]
+    (spelled_out,) = parse_config(documented.split())[1]
     assert spelled_out == bare
-    assert (bare.arch, bare.epochs, bare.schedule, bare.amp) == ("cnn2", 3, "onecycle", True)
+    assert (bare.arch, bare.epochs, bare.schedule, bare.amp) == ("small", 2, "onecycle", True)
 
 
 def test_help_states_the_best_recipe(capsys):
@@ -208,8 +214,30 @@ def test_help_states_the_best_recipe(capsys):
     for key, value in ARCH_PRESETS["best"].items():
         assert f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}") in text
     assert "rotation +-10 deg" in text
-    _, cfg = parse_config(["--arch", "best"])
+    (cfg,) = parse_config(["--arch", "best"])[1]
     assert all(getattr(cfg, key) == value for key, value in ARCH_PRESETS["best"].items())
+
+
+def test_an_explicit_flag_beats_the_arch_preset_a_default_does_not():
+    (cfg,) = parse_config(["--arch", "best", "--epochs", "2", "--lr", "0.003"])[1]
+    assert (cfg.epochs, cfg.lr, cfg.optimizer) == (2, 0.003, "adamw")
+
+
+def test_the_ensemble_recipe_trains_its_members_with_the_flags_given(capsys):
+    config, trainings = parse_config(
+        ["--ensemble", "mix", "--name", "parts", "--epochs", "1", "--train-limit", "500"]
+    )
+    assert config.trains_recipe and len(trainings) == len(ENSEMBLE_RECIPE) >= 3
+    assert len({(t.arch, t.elastic) for t in trainings}) >= 3  # members differ in more than their seed
+    for cfg, member in zip(trainings, ENSEMBLE_RECIPE, strict=True):
+        assert (cfg.epochs, cfg.train_limit) == (1, 500)  # the flags given, for every member
+        assert all(getattr(cfg, key) == value for key, value in member.items() if key != "epochs")
+        preset = ARCH_PRESETS.get(member["arch"], {})
+        assert all(getattr(cfg, k) == v for k, v in preset.items() if k not in member and k != "epochs")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(describe(member) in text for member in ENSEMBLE_RECIPE)  # the recipe is spelled out in --help
 
 
 def test_help_explains_no_hflip(capsys):
@@ -242,7 +270,7 @@ def test_resume_and_fine_tune(tmp_path, mnist, capsys):
     wrong_arch = mnist_train(
         "--arch", "cnn2", "--resume", str(tmp_path / "last.pt"), "--repo", str(tmp_path / "m")
     )
-    assert_clean_error(wrong_arch, "arch 'keras'")
+    assert_clean_error(wrong_arch, "--arch keras")
 
 
 def test_a_one_cycle_run_resumes_only_to_its_planned_epochs(tmp_path, mnist, capsys):
@@ -264,9 +292,7 @@ def test_a_one_cycle_run_resumes_only_to_its_planned_epochs(tmp_path, mnist, cap
 
 @pytest.mark.slow
 def test_one_epoch_on_real_mnist_serves_98_percent(tmp_path, mnist):
-    result = mnist_train(
-        "--arch", "cnn2", "--epochs", "1", "--repo", str(tmp_path / "models"), "--name", "mnist"
-    )
+    result = mnist_train("--epochs", "1", "--repo", str(tmp_path / "models"), "--name", "mnist")
     assert result.returncode == 0, result.stderr
     version = tmp_path / "models" / "mnist" / "1"
     assert result.stdout.strip().splitlines()[-1] == f"exported: {version}"
@@ -287,3 +313,120 @@ def test_one_epoch_on_real_mnist_serves_98_percent(tmp_path, mnist):
     assert metrics["test_accuracy"] == accuracy  # the exported model's own, not the training device's
     assert session.get_modelmeta().custom_metadata_map["test_accuracy"] == f"{accuracy:.4f}"
     assert np.array(metrics["confusion_matrix"]).sum() == 10_000
+
+
+# --- checkpoints that do not fit, files that are not checkpoints -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_checkpoint(tmp_path_factory, mnist) -> Path:
+    """A keras checkpoint trained without batch-norm (the arch's default), a few seconds on 1000 images."""
+    path = tmp_path_factory.mktemp("ckpt") / "plain.pt"
+    cfg = TrainConfig(arch="keras", epochs=1, train_limit=1000, val_size=100, schedule="none")
+    train(cfg, mnist, checkpoint_path=path, log=lambda *_: None)
+    return path
+
+
+@pytest.mark.parametrize("how", ["--init-from", "--resume"])
+def test_a_checkpoint_of_other_model_options_is_refused_in_one_line(how, plain_checkpoint, tmp_path, capsys):
+    line = error_of(
+        capsys, "--arch", "keras", "--batchnorm", "--epochs", "1", "--schedule", "none", how,
+        str(plain_checkpoint), "--repo", str(tmp_path / "models"),
+    )  # fmt: skip
+    assert how in line and "--no-batchnorm" in line and "pass --arch keras --no-batchnorm" in line
+    assert not (tmp_path / "models").exists()
+
+
+def test_resume_needs_the_same_dropout_fine_tuning_does_not(plain_checkpoint, tmp_path, capsys):
+    common = ["--arch", "keras", "--epochs", "1", "--schedule", "none", "--dropout", "0.3"]
+    line = error_of(capsys, *common, "--resume", str(plain_checkpoint), "--repo", str(tmp_path))
+    assert "--dropout 0" in line and "--dropout 0.3" in line
+    # Fine-tuning may change what has no weights: the run goes past the checkpoint check to the data.
+    line = error_of(
+        capsys, *common, "--init-from", str(plain_checkpoint), "--data-dir", str(tmp_path / "none"),
+        "--repo", str(tmp_path),
+    )  # fmt: skip
+    assert "data directory" in line
+
+
+@pytest.mark.parametrize("how", ["--init-from", "--resume"])
+def test_a_file_that_is_no_checkpoint_is_named_as_such_without_unsafe_advice(how, tmp_path, capsys):
+    from PIL import Image
+
+    jpeg = tmp_path / "some.jpg"
+    Image.new("L", (28, 28)).save(jpeg)
+    line = error_of(capsys, how, str(jpeg), "--repo", str(tmp_path / "models"))
+    assert f"{jpeg} is not a checkpoint of mnist-train" in line
+    assert "weights_only" not in line and "trust" not in line
+
+
+def test_a_pytorch_file_with_foreign_objects_is_not_unpickled(tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"config": argparse.Namespace(arch="cnn2"), "model": {}}, foreign)  # a class, not weights
+    line = error_of(capsys, "--init-from", str(foreign), "--repo", str(tmp_path / "models"))
+    assert "is not a checkpoint of mnist-train" in line and "objects other than weights" in line
+    assert "weights_only" not in line
+
+
+# --- the repository is checked before training ------------------------------------------------------------
+
+
+def test_a_model_directory_that_is_a_file_is_reported_before_the_data_is_read(tmp_path, capsys):
+    repo = tmp_path / "models"
+    repo.mkdir()
+    (repo / "mnist").write_text("not a directory")
+    line = error_of(capsys, "--repo", str(repo), "--data-dir", str(tmp_path / "no-data"))
+    assert f"{repo / 'mnist'} is a file" in line  # not the missing data: the repository comes first
+    assert sorted(p.name for p in repo.iterdir()) == ["mnist"]
+
+
+def test_a_variant_or_ensemble_name_that_cannot_be_written_is_reported_first(tmp_path, capsys):
+    repo = tmp_path / "models"
+    repo.mkdir()
+    (repo / "digits-int8").write_text("")
+    line = error_of(
+        capsys,
+        "--repo",
+        str(repo),
+        "--name",
+        "digits",
+        "--quantize",
+        "int8",
+        "--data-dir",
+        str(tmp_path / "x"),
+    )
+    assert "digits-int8 is a file" in line
+    assert sorted(p.name for p in repo.iterdir()) == ["digits-int8"]  # the probe left nothing behind
+
+
+# --- an interrupted run says what it exported ------------------------------------------------------------
+
+
+def test_sigint_during_the_second_seed_names_the_first_seeds_export(tmp_path):
+    repo = tmp_path / "models"
+    command = [
+        sys.executable,
+        "-m",
+        "training.cli",
+        "--arch",
+        "keras",
+        "--epochs",
+        "1",
+        "--train-limit",
+        "5000",
+    ]
+    command += ["--seeds", "0,1", "--repo", str(repo), "--name", "digits"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as proc:
+        for line in proc.stdout:
+            if line.startswith("exported: "):  # seed 0 is written; seed 1 starts training now
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last == f"mnist-train: interrupted; exported before it: {repo / 'digits' / '1'} (seed 0)", err
+    assert sorted(p.name for p in (repo / "digits").iterdir()) == ["1", "config.pbtxt"]
+    assert "exported: " not in rest

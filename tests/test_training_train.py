@@ -1,64 +1,14 @@
-"""Pieces of the training loop that can be checked without training: augmentation, split, optimisers."""
+"""The training loop's pieces (optimisers, schedules), its per-epoch record, and its checkpoints."""
+
+import re
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from training import models
-from training.data import MNIST
-from training.train import TrainConfig, augment, make_optimizer, make_schedule, split
-
-
-def test_augment_keeps_digits_upright_and_in_frame():
-    x = torch.zeros(256, 1, 28, 28)
-    x[:, :, 8:20, 6:10] = 1.0  # a bar in the left half
-    out = augment(x, hflip=False, generator=torch.Generator().manual_seed(0))
-    assert out.shape == x.shape and not torch.equal(out, x)
-    left, right = out[..., :14].sum((1, 2, 3)), out[..., 14:].sum((1, 2, 3))
-    assert (left > right).all()  # +-10 deg, +-2 px, scale 0.9-1.1 never moves it across the middle
-    ratio = out.sum((1, 2, 3)) / x.sum((1, 2, 3))
-    assert ratio.min() > 0.7 and ratio.max() < 1.3  # scale 0.9-1.1: area changes by at most ~20%
-
-
-def test_hflip_mirrors_some():
-    x = torch.zeros(256, 1, 28, 28)
-    x[:, :, 8:20, 6:10] = 1.0
-    out = augment(x, hflip=True, generator=torch.Generator().manual_seed(0))
-    mirrored = (out[..., 14:].sum((1, 2, 3)) > out[..., :14].sum((1, 2, 3))).float().mean()
-    assert 0.3 < mirrored < 0.7
-
-
-def fake_mnist(n=1000):
-    """Random images whose first two pixels spell their index, so a split can be traced back."""
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
-    images[:, 0, 0], images[:, 0, 1] = torch.arange(n) % 256, torch.arange(n) // 256
-    labels = (torch.arange(n) % 10).numpy()
-    return MNIST(images.numpy(), labels, images[:10].numpy(), labels[:10])
-
-
-def indices(x: torch.Tensor) -> list[int]:
-    """The index of each image in the fake set, read back from its first two pixels."""
-    pixels = (x[:, 0, 0, :2] * 255).round().long()
-    return (pixels[:, 0] + 256 * pixels[:, 1]).tolist()
-
-
-def test_split_is_seeded_and_disjoint():
-    mnist = fake_mnist()
-    a = split(mnist, TrainConfig(val_size=100, seed=1))
-    b = split(mnist, TrainConfig(val_size=100, seed=1))
-    c = split(mnist, TrainConfig(val_size=100, seed=2))
-    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
-    assert set(indices(a[2])) != set(indices(c[2]))
-    train_part, val_part = set(indices(a[0])), set(indices(a[2]))
-    assert (len(train_part), len(val_part)) == (900, 100)
-    assert not train_part & val_part and train_part | val_part == set(range(1000))
-    assert a[1].tolist() == [i % 10 for i in indices(a[0])]  # each label stays with its image
-
-
-def test_train_limit_caps_validation_at_a_tenth():
-    x_train, _, x_val, _ = split(fake_mnist(), TrainConfig(train_limit=500))
-    assert (len(x_train), len(x_val)) == (450, 50)
-    assert set(indices(x_train)) | set(indices(x_val)) == set(range(500))
+from training.config import TrainConfig
+from training.train import make_optimizer, make_schedule, train
 
 
 @pytest.mark.parametrize(
@@ -105,3 +55,27 @@ def test_plateau_halves_the_lr_after_four_epochs_without_improvement():
 
 def test_no_schedule_keeps_the_lr():
     assert lrs_over(TrainConfig(schedule="none", lr=0.01, epochs=2), steps=10) == [0.01] * 10
+
+
+def test_each_epoch_reports_its_own_time(mnist):
+    lines: list[str] = []
+    cfg = TrainConfig(arch="keras", epochs=3, train_limit=2000, val_size=200, schedule="none")
+    result = train(cfg, mnist, log=lines.append)
+    seconds = result.history.epoch_seconds
+    assert len(seconds) == 3 and all(s > 0 for s in seconds)
+    assert sum(seconds) <= result.wall_time  # each epoch's own time, not the time since the start
+    printed = [float(m) for m in re.findall(r"^epoch \d/3: .*\((\d+\.\d)s\)$", "\n".join(lines), re.M)]
+    assert printed == pytest.approx(seconds, abs=0.06)
+
+
+def test_no_validation_split_trains_on_every_digit_and_plots_train_only(mnist, tmp_path):
+    from training import reports
+
+    lines: list[str] = []
+    cfg = TrainConfig(arch="keras", epochs=2, train_limit=1000, val_size=0, schedule="none")
+    result = train(cfg, mnist, log=lines.append)
+    history = result.history
+    assert len(history.train_loss) == 2 and history.val_loss == [] and history.val_acc == []
+    assert not any("val" in line for line in lines if line.startswith("epoch"))
+    reports.plot_curves(tmp_path, asdict(history))
+    assert (tmp_path / "curves.png").stat().st_size > 0

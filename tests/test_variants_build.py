@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from serving.client import MnistClient
+from serving.mnist import MNIST
 from serving.runtime import CPU, CUDA, ModelSession, RuntimeOptions, resolve_device
 from training import models
-from training.data import MNIST
+from training.data import normalise, to_tensor
 from training.export import to_onnx, write_version
-from training.train import normalise, to_tensor
 from training.variants import (
     CALIBRATION_SIZE,
     MAX_ACCURACY_DROP,

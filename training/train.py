@@ -1,12 +1,12 @@
-"""TrainConfig and the training loop. The whole dataset lives in memory as tensors: a DataLoader would be most
-of the time of a fast MNIST run. The test set is not touched here: the exported FP32 model is judged on it
+"""The training loop. The whole dataset lives in memory as tensors: a DataLoader would be most of the time of
+a fast MNIST run. The test set is not touched here: the exported FP32 model is judged on it
 (training/export.py: reference_probabilities)."""
 
 import copy
-import hashlib
+import inspect
 import io
-import json
 import math
+import os
 import pickle
 import time
 import zipfile
@@ -19,111 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from serving.contract import NUM_CLASSES
+from serving.mnist import MNIST
 from training import models
-from training.data import MNIST, TRAIN_SIZE
+from training.config import TrainConfig
+from training.data import augment, normalise, split, to_tensor
 
-MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel statistics; the exported graph applies the same
 # FP32 inference on the CPU, channels_last: batches of 250 ran 4x faster than batches of 1000 (cache-sized).
 EVAL_BATCH = 250
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; the defaults are the default run (benchmarks/training.md)."""
-
-    arch: str = "cnn2"
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 3e-3
-    optimizer: str = "adam"  # adam | adamw | sgd
-    amsgrad: bool = False
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    schedule: str = "onecycle"  # none | plateau | onecycle
-    early_stopping: int = 0  # patience in epochs on validation loss; 0 = off
-    val_size: int = 5000
-    augment: bool = False
-    hflip: bool = False
-    label_smoothing: float = 0.0
-    class_weights: bool = False
-    clip_grad: float = 0.0  # max gradient norm; 0 = off
-    amp: bool = True  # float16 on CUDA, bfloat16 on CPUs with bf16 instructions
-    batchnorm: bool | None = None  # None: the architecture's default
-    dropout: float | None = None
-    device: str = "auto"
-    seed: int = 0
-    train_limit: int | None = None
-    init_from: str | None = None
-    freeze: str | None = None  # "features"
-
-    def __post_init__(self) -> None:
-        """Refuse what no run can use, naming the command-line flag, before any data is loaded."""
-        rules = [
-            ("arch", self.arch in models.ARCHS, f"one of {', '.join(models.ARCHS)}"),
-            ("epochs", _int_in(self.epochs, 1, 10_000), "an integer from 1 to 10000"),
-            ("batch_size", _int_in(self.batch_size, 1, 65_536), "an integer from 1 to 65536"),
-            ("lr", _real_in(self.lr, 0, 10, open_low=True), "a number above 0, at most 10"),
-            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
-            ("weight_decay", _real_in(self.weight_decay, 0, 1), "a number from 0 to 1"),
-            ("momentum", _real_in(self.momentum, 0, 1, open_high=True), "a number from 0 to below 1"),
-            ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
-            ("early_stopping", _int_in(self.early_stopping, 0, 10_000), "an integer from 0 to 10000"),
-            ("val_size", _int_in(self.val_size, 0, MAX_VAL_SIZE), f"an integer from 0 to {MAX_VAL_SIZE}"),
-            ("label_smoothing", _real_in(self.label_smoothing, 0, 1, open_high=True), "from 0 to below 1"),
-            ("clip_grad", _real_in(self.clip_grad, 0, math.inf), "a finite number, at least 0"),
-            (
-                "dropout",
-                self.dropout is None or _real_in(self.dropout, 0, 1, open_high=True),
-                "from 0 to below 1",
-            ),
-            ("device", self.device in DEVICES, f"one of {', '.join(DEVICES)}"),
-            ("seed", _int_in(self.seed, 0, 2**32 - 1), "an integer from 0 to 2**32-1"),
-            (
-                "train_limit",
-                self.train_limit is None or _int_in(self.train_limit, 1, TRAIN_SIZE),
-                f"from 1 to {TRAIN_SIZE}",
-            ),
-            ("freeze", self.freeze in (None, "features"), "'features'"),
-        ]
-        for name, ok, rule in rules:
-            if not ok:
-                raise ValueError(f"{flag(name)} must be {rule}, not {getattr(self, name)!r}")
-        if self.val_size == 0 and (self.early_stopping or self.schedule == "plateau"):
-            raise ValueError(
-                "--early-stopping and --schedule plateau watch the validation loss: need --val-size > 0"
-            )
-        if self.hflip and not self.augment:
-            raise ValueError("--hflip is part of the augmentation: add --augment")
-        if self.amsgrad and self.optimizer == "sgd":
-            raise ValueError("--amsgrad is a variant of adam and adamw, not of sgd")
-        if self.freeze and not self.init_from:
-            raise ValueError(
-                "--freeze needs --init-from CKPT (freezing random features trains nothing useful)"
-            )
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
-
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("none", "plateau", "onecycle")
-DEVICES = ("auto", "cpu", "cuda")
-MAX_VAL_SIZE = 50_000  # leaves 10,000 images to train on
-
-
-def flag(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
-
-
-def _int_in(value: object, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _real_in(value: object, low: float, high: float, open_low: bool = False, open_high: bool = False) -> bool:
-    """NaN and the infinities are never in range."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return False
-    return (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
+# oneDNN instruction sets with bf16 dot products; $ONEDNN_MAX_CPU_ISA below them makes bf16 an emulation.
+BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10_1_512", "ALL", "DEFAULT")
 
 
 @dataclass
@@ -133,6 +38,7 @@ class History:
     val_loss: list[float] = field(default_factory=list)
     val_acc: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)  # each epoch's own, validation included
 
 
 def torch_device(name: str) -> torch.device:
@@ -145,47 +51,17 @@ def torch_device(name: str) -> torch.device:
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The mixed-precision type the device computes fast, None for FP32: float16 on CUDA; bfloat16 on CPUs
-    with bf16 instructions (elsewhere PyTorch emulates bf16, slower than FP32)."""
+    with bf16 instructions that oneDNN may use (elsewhere PyTorch emulates bf16, slower than FP32)."""
     if device.type == "cuda":
         return torch.float16
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if not isa.startswith(BF16_ISAS):
+        return None
     # Older torch cannot tell: FP32 there.
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"):
         return torch.bfloat16
     return None
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N,28,28] -> float [N,1,28,28] in [0,1]; normalised after augmentation: padding = background."""
-    return torch.from_numpy(images).unsqueeze(1).float().div_(255)
-
-
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    return (x - MEAN) / STD
-
-
-def augment(x: torch.Tensor, hflip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random rotation +-10 deg, scale 0.9-1.1, translation +-2 px, as one affine warp on the batch."""
-    n = x.shape[0]
-    rand = torch.rand(n, 5, generator=generator, device=x.device) * 2 - 1  # uniform in [-1, 1]
-    angle, scale = rand[:, 0] * math.radians(10), 1 + rand[:, 1] * 0.1
-    tx, ty = rand[:, 2] * 2 / 14, rand[:, 3] * 2 / 14  # grid units: 14 px is 1.0
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    flip = torch.where(rand[:, 4] > 0, -1.0, 1.0) if hflip else torch.ones_like(cos)
-    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
-
-
-def split(mnist: MNIST, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seeded train/validation split of the (possibly limited) training set."""
-    images, labels = mnist.train_images, mnist.train_labels
-    if cfg.train_limit is not None:
-        images, labels = images[: cfg.train_limit], labels[: cfg.train_limit]
-    val_size = min(cfg.val_size, len(images) // 10) if cfg.train_limit is not None else cfg.val_size
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
-    x, y = to_tensor(images)[order], torch.from_numpy(labels)[order]
-    return x[val_size:], y[val_size:], x[:val_size], y[:val_size]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -240,6 +116,88 @@ class Result:
     checkpoint: dict
 
 
+@dataclass
+class Optimisation:
+    """One run's model and what updates it: optimiser, schedule, precision, loss weights, random state."""
+
+    cfg: TrainConfig
+    model: models.Net
+    device: torch.device
+    steps_per_epoch: int
+    class_weight: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.opt = make_optimizer(self.model, self.cfg)
+        self.schedule = make_schedule(self.opt, self.cfg, self.steps_per_epoch)
+        self.amp_dtype = autocast_dtype(self.device) if self.cfg.amp else None
+        # float16 gradients underflow without loss scaling; bfloat16 has float32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on a batch of [0,1] images; returns the batch's (loss, logits)."""
+        cfg = self.cfg
+        if cfg.augment or cfg.elastic:
+            xb = augment(xb, self.generator, cfg.hflip and cfg.augment, cfg.elastic)
+        xb = normalise(xb).contiguous(memory_format=torch.channels_last)
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+            logits = self.model(xb).float()
+        loss = F.cross_entropy(logits, yb, weight=self.class_weight, label_smoothing=cfg.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.clip_grad > 0:
+            self.scaler.unscale_(self.opt)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if isinstance(self.schedule, torch.optim.lr_scheduler.OneCycleLR):
+            self.schedule.step()
+        return loss.detach(), logits
+
+    def state(self, history: History, epoch: int) -> dict:
+        """A resumable checkpoint."""
+        return {
+            "config": asdict(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "history": asdict(history),
+            "epoch": epoch,
+            "generator": self.generator.get_state(),
+        }
+
+    def restore(self, checkpoint: dict) -> tuple[History, int]:
+        """Continue from a checkpoint `state` wrote; returns its history and its last epoch."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.opt.load_state_dict(checkpoint["optimizer"])
+        if self.schedule is not None and checkpoint.get("schedule"):
+            self.schedule.load_state_dict(checkpoint["schedule"])
+        self.generator.set_state(checkpoint["generator"].to(self.generator.get_state().device))
+        return History(**checkpoint["history"]), checkpoint["epoch"]
+
+
+def train_epoch(run: Optimisation, x: torch.Tensor, y: torch.Tensor, desc: str) -> tuple[float, float]:
+    """One shuffled pass over the training split; returns its (mean loss, accuracy)."""
+    cfg, device = run.cfg, run.device
+    run.model.train()
+    if cfg.freeze == "features":
+        run.model.features.eval()  # frozen BN keeps its running statistics
+    order = torch.randperm(len(x), generator=run.generator, device=device)
+    total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    bar = tqdm(range(run.steps_per_epoch), desc=desc, leave=False, disable=None)
+    for step in bar:
+        idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        yb = y[idx]
+        loss, logits = run.step(x[idx], yb)
+        total_loss += loss * len(yb)
+        correct += (logits.argmax(1) == yb).sum()
+        if step % 50 == 0 or step == run.steps_per_epoch - 1:  # .item() waits for the device; not every step
+            seen = min((step + 1) * cfg.batch_size, len(x))
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+    return total_loss.item() / len(x), correct.item() / len(x)
+
+
 def train(
     cfg: TrainConfig, mnist: MNIST, resume: dict | None = None, checkpoint_path: Path | None = None, log=print
 ) -> Result:
@@ -250,91 +208,39 @@ def train(
     # channels_last: oneDNN's and cuDNN's fast convolution layout (measured 1.3x per CPU step with bf16).
     model = models.build(cfg.arch, cfg.batchnorm, cfg.dropout).to(device, memory_format=torch.channels_last)
     if cfg.init_from is not None:
-        model.load_state_dict(torch.load(cfg.init_from, map_location=device, weights_only=True)["model"])
+        model.load_state_dict(read_checkpoint(Path(cfg.init_from))["model"])
     freeze(model, cfg.freeze)
     log(models.format_table(model))
 
-    x_train, y_train, x_val, y_val = split(mnist, cfg)
+    x_train, y_train, x_val, y_val = split(mnist, cfg.val_size, cfg.seed, cfg.train_limit)
     x_train, y_train = x_train.to(device), y_train.to(device)
-    steps = math.ceil(len(x_train) / cfg.batch_size)
-    opt = make_optimizer(model, cfg)
-    schedule = make_schedule(opt, cfg, steps)
-    weight = None
-    if cfg.class_weights:  # inverse class frequency, mean 1
-        counts = torch.bincount(y_train, minlength=10).float().clamp(min=1)
-        weight = counts.sum() / (10 * counts)
-    amp_dtype = autocast_dtype(device) if cfg.amp else None
-    # float16 gradients underflow without loss scaling; bfloat16 has float32's range and needs none.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    history, first_epoch = History(), 0
-    best = (math.inf, None)  # (val loss, state) for early stopping
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        if schedule is not None and resume.get("schedule"):
-            schedule.load_state_dict(resume["schedule"])
-        history, first_epoch = History(**resume["history"]), resume["epoch"]
-        gen.set_state(resume["generator"].to(gen.get_state().device))
+    run = Optimisation(
+        cfg, model, device, math.ceil(len(x_train) / cfg.batch_size), class_weight(cfg, y_train)
+    )
+    history, first_epoch = run.restore(resume) if resume is not None else (History(), 0)
 
-    epoch, checkpoint = first_epoch, resume
+    epoch, checkpoint, best = first_epoch, resume, (math.inf, None)  # best: (val loss, weights)
     for epoch in range(first_epoch + 1, cfg.epochs + 1):
-        model.train()
-        if cfg.freeze == "features":
-            model.features.eval()  # frozen BN keeps its running statistics
-        order = torch.randperm(len(x_train), generator=gen, device=device)
-        total_loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None)
-        for step in bar:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb, yb = x_train[idx], y_train[idx]
-            if cfg.augment:
-                xb = augment(xb, cfg.hflip, gen)
-            xb = normalise(xb).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(xb).float()
-            loss = F.cross_entropy(logits, yb, weight=weight, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad > 0:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            if isinstance(schedule, torch.optim.lr_scheduler.OneCycleLR):
-                schedule.step()
-            total_loss += loss.detach() * len(yb)
-            correct += (logits.argmax(1) == yb).sum()
-            if step % 50 == 0 or step == steps - 1:  # .item() waits for the device; not every step
-                seen = min((step + 1) * cfg.batch_size, len(x_train))
-                bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
-        val_loss, val_acc = evaluate(model, x_val, y_val, device)
-        if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            schedule.step(val_loss)
-        history.train_loss.append(total_loss.item() / len(x_train))
-        history.train_acc.append(correct.item() / len(x_train))
-        history.val_loss.append(val_loss)
-        history.val_acc.append(val_acc)
-        history.lr.append(opt.param_groups[0]["lr"])
-        log(
-            f"epoch {epoch}/{cfg.epochs}: train loss {history.train_loss[-1]:.4f} "
-            f"acc {history.train_acc[-1]:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}  "
-            f"({time.perf_counter() - start:.0f}s)"
-        )
-        checkpoint = {
-            "config": asdict(cfg),
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "schedule": schedule.state_dict() if schedule is not None else None,
-            "history": asdict(history),
-            "epoch": epoch,
-            "generator": gen.get_state(),
-        }
+        epoch_start = time.perf_counter()
+        train_loss, train_acc = train_epoch(run, x_train, y_train, f"epoch {epoch}/{cfg.epochs}")
+        record = {"train_loss": train_loss, "train_acc": train_acc, "lr": run.opt.param_groups[0]["lr"]}
+        line = f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f}"
+        if len(x_val):  # --val-size 0 trains on every training digit and validates nothing
+            val_loss, val_acc = evaluate(model, x_val, y_val, device)
+            record |= {"val_loss": val_loss, "val_acc": val_acc}
+            line += f"  val loss {val_loss:.4f} acc {val_acc:.4f}"
+            if isinstance(run.schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                run.schedule.step(val_loss)
+        record["epoch_seconds"] = round(time.perf_counter() - epoch_start, 2)
+        for name, value in record.items():
+            getattr(history, name).append(value)
+        log(f"{line}  ({record['epoch_seconds']:.1f}s)")
+        checkpoint = run.state(history, epoch)
         if checkpoint_path is not None:
             save_atomic(checkpoint, checkpoint_path)
         if cfg.early_stopping:
-            if val_loss < best[0]:
-                best = (val_loss, copy.deepcopy(model.state_dict()))
+            if history.val_loss[-1] < best[0]:
+                best = (history.val_loss[-1], copy.deepcopy(model.state_dict()))
             elif epoch - 1 - int(np.argmin(history.val_loss)) >= cfg.early_stopping:
                 log(f"early stopping: no validation-loss improvement for {cfg.early_stopping} epochs")
                 break
@@ -346,6 +252,19 @@ def train(
     return Result(model, history, time.perf_counter() - start, epoch, checkpoint)
 
 
+def class_weight(cfg: TrainConfig, labels: torch.Tensor) -> torch.Tensor | None:
+    """With --class-weights, inverse class frequency with mean 1."""
+    if not cfg.class_weights:
+        return None
+    counts = torch.bincount(labels, minlength=NUM_CLASSES).float().clamp(min=1)
+    return counts.sum() / (NUM_CLASSES * counts)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+
+MODEL_OPTIONS = ("arch", "batchnorm", "dropout")  # what builds the network; the rest only trains it
+
+
 def save_atomic(checkpoint: dict, path: Path) -> None:
     """Write then rename, so an interrupted run never leaves a truncated checkpoint to resume from."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -354,17 +273,70 @@ def save_atomic(checkpoint: dict, path: Path) -> None:
 
 
 def read_checkpoint(path: Path) -> dict:
-    """A checkpoint mnist-train wrote, loaded on the CPU; ValueError with a one-line reason otherwise."""
+    """A checkpoint mnist-train wrote, loaded on the CPU; ValueError with a one-line reason otherwise.
+
+    Only PyTorch's zip archives are opened, and only with weights_only=True: a file of unknown origin is never
+    unpickled beyond tensors and plain values, and PyTorch's advice to retry without that guard is not passed
+    on."""
+    if not path.exists():
+        raise ValueError(f"checkpoint {path} does not exist")
+    not_ours = f"{path} is not a checkpoint of mnist-train; pass a checkpoint.pt it wrote"
     try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{not_ours} (it is not a PyTorch checkpoint archive)")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint {path} does not exist") from None
-    except (OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as e:
+    except pickle.UnpicklingError:
+        raise ValueError(f"{not_ours} (it holds objects other than weights; not loaded)") from None
+    except (OSError, RuntimeError, zipfile.BadZipFile, EOFError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in reason:
+            reason = "not loadable as weights"
         raise ValueError(
-            f"checkpoint {path} is unreadable ({str(e).splitlines()[0]}); pass a file mnist-train wrote"
+            f"checkpoint {path} is unreadable ({reason}); pass a checkpoint.pt mnist-train wrote"
         ) from None
     if not isinstance(checkpoint, dict) or not {"config", "model"} <= checkpoint.keys():
-        raise ValueError(f"checkpoint {path} holds no model and config; pass a file mnist-train wrote")
+        raise ValueError(f"{not_ours} (it holds no model and config)")
+    return checkpoint
+
+
+def model_options(config: dict) -> dict:
+    """The options that build the network, with the architecture's defaults filled in for None."""
+    arch = config.get("arch")
+    defaults = inspect.signature(models.ARCHS[arch]).parameters if arch in models.ARCHS else {}
+    options = {"arch": arch}
+    for name in MODEL_OPTIONS[1:]:
+        value = config.get(name)
+        options[name] = defaults[name].default if value is None and name in defaults else value
+    return options
+
+
+def spell(options: dict) -> str:
+    """Model options as the flags that give them."""
+    words = [f"--arch {options['arch']}", "--batchnorm" if options["batchnorm"] else "--no-batchnorm"]
+    if "dropout" in options:
+        words.append(f"--dropout {options['dropout']:g}")
+    return " ".join(words)
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig, resuming: bool) -> dict:
+    """Read a checkpoint and check, before any data is loaded, that this run's network takes its weights:
+    same architecture and batch-norm (and dropout, to resume the same run). ValueError in one line if not."""
+    checkpoint = read_checkpoint(path)
+    names = MODEL_OPTIONS if resuming else MODEL_OPTIONS[:2]
+    theirs, ours = model_options(checkpoint["config"]), model_options(asdict(cfg))
+    theirs, ours = ({k: v[k] for k in names} for v in (theirs, ours))
+    flag = "--resume" if resuming else "--init-from"
+    if theirs != ours:
+        raise ValueError(
+            f"{flag} {path} holds a model trained with {spell(theirs)}, this run builds {spell(ours)}; "
+            f"pass {spell(theirs)}"
+        )
+    try:
+        models.build(cfg.arch, cfg.batchnorm, cfg.dropout).load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{flag} {path}: its weights do not fit {spell(ours)} ({str(e).splitlines()[0]})"
+        ) from None
     return checkpoint
 
 

@@ -18,8 +18,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from serving.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
+from serving.mnist import MNIST
 from serving.runtime import CPU, resolve_device
-from training.data import MNIST
 
 VARIANTS = ("int8", "fp16", "fp32-ort-optimized")
 

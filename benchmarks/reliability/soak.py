@@ -31,11 +31,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.bench.apis import build_workload
 from serving.bench.loadgen import Connection, Level, RunResult, RunSpec, run
 from serving.bench.spawn import Spawned, serve_command
+from serving.mnist import load_mnist
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
 from serving.proto.mnist.v1 import classify_pb2 as cpb
 from serving.proto.mnist.v1 import classify_pb2_grpc
-from training.data import load_mnist
 
 MiB = 2**20
 TIMEOUT_S = 10.0

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
-    from training.data import DataError, load_mnist
+    from serving.mnist import DataError, load_mnist
 
     try:
         mnist = load_mnist()
