@@ -1,4 +1,4 @@
-"""Faults (issue 5 section 2): clients that cancel, break streams and connections or let deadlines pass
+"""Faults: clients that cancel, break streams and connections or let deadlines pass
 while queued; SIGTERM under load to a real `mnist-serve`; corrupt and contract-breaking model files.
 
 Requests are counted, not timed: every request sent is either answered or cleanly refused, and what is

@@ -1,4 +1,4 @@
-"""Hostile input against both gRPC APIs of a live server (issue 5 section 1), property-based.
+"""Hostile input against both gRPC APIs of a live server, property-based.
 
 Each property sends generated requests through the unary RPC and through one long-lived stream of the
 same API, and checks them against an oracle written from the documented contract (docs/serving.md,

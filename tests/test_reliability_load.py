@@ -1,4 +1,4 @@
-"""Soak and overload (issue 5 section 2) against a real `mnist-serve` subprocess.
+"""Soak and overload against a real `mnist-serve` subprocess.
 
 The server runs in its own process so psutil sees its memory alone; the load comes from mnist-bench's
 generator (serving.bench.loadgen) in this process, over loopback. Capacity is measured first and the

@@ -1,4 +1,4 @@
-"""Security checks of issue 5 section 3 that tests/test_serving_security.py and test_serving_lifecycle.py
+"""Security checks that tests/test_serving_security.py and test_serving_lifecycle.py
 do not already make: token auth on the mnist.v1 API and on every repository RPC, where the metrics
 endpoint listens, no file read outside --repo (watched with an audit hook), name validation of the
 repository RPCs, and no unpickling anywhere on the serving path."""

@@ -1,4 +1,4 @@
-"""Every bad request of issue 3 section 6 gets the right status and a helpful message, while a
+"""Every bad request gets the right status and a helpful message, while a
 well-formed client running alongside keeps getting answers."""
 
 import io
