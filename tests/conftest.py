@@ -8,6 +8,7 @@ arguments: edit training/ and the next run trains again.
 
 import asyncio
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.config import HttpOptions
@@ -29,6 +31,13 @@ from serving.runtime import RuntimeOptions
 from serving.server import Server, ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Hypothesis profiles. "ci" (the default) runs a tenth of each property's examples, at least 20;
+# HYPOTHESIS_PROFILE=full runs all of them (about 3,000 across the suite), e.g. before a release.
+# Properties size themselves with helpers.examples(full_count).
+settings.register_profile("ci", max_examples=100)
+settings.register_profile("full", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 TRAIN_ARGS = ["--arch", "cnn2", "--epochs", "1", "--lr", "0.003", "--label-smoothing", "0"]
 TRAIN_ARGS += ["--train-limit", "10000", "--name", "mnist"]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnx
+from hypothesis import settings
 from onnx import TensorProto, helper, numpy_helper
 
 from serving.contract import IMAGE_PIXELS, INPUT_NAME, LABELS, NUM_CLASSES, OUTPUT_NAME
@@ -22,6 +23,12 @@ BATCH_TOLERANCE = 1e-6
 def assert_same_probabilities(got: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=BATCH_TOLERANCE)
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def examples(full: int) -> int:
+    """A property's example count: `full` under HYPOTHESIS_PROFILE=full (max_examples 1000), a tenth of it
+    but at least 20 under the default "ci" profile (max_examples 100); see conftest.py."""
+    return max(20, full * settings().max_examples // 1000)
 
 
 def wait_for(condition: Callable[[], object], seconds: float = 30.0, what: str = "condition") -> None:

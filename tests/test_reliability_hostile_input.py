@@ -6,7 +6,8 @@ same API, and checks them against an oracle written from the documented contract
 request, the message one short line, the stream must answer with the same status and stay open. A
 well-formed client runs beside the whole module and must see no error; the server must stay up.
 
-Examples are derandomized (the same cases on every run) and counted by kind for docs/reliability.md.
+Examples are derandomized (the same cases on every run), as many as the Hypothesis profile gives
+(conftest.py), and counted by kind for docs/reliability.md.
 """
 
 import io
@@ -31,7 +32,7 @@ from serving.proto.mnist.v1 import classify_pb2 as cpb
 from serving.proto.mnist.v1 import classify_pb2_grpc
 from serving.server import ServerConfig
 
-from helpers import wait_for
+from helpers import examples, wait_for
 
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND, EXHAUSTED = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -45,9 +46,9 @@ pytestmark = pytest.mark.filterwarnings(
 )  # inputs tried, by kind (printed at the end of the module for the report)
 
 
-def fuzz(examples: int):
+def fuzz(full: int):
     return settings(
-        max_examples=examples,
+        max_examples=examples(full),
         deadline=None,
         derandomize=True,
         database=None,
