@@ -20,7 +20,7 @@ from test_http_api import call, error_of, png
 from serving.config import HttpOptions
 from serving.http.tensors import HEADER_LENGTH, encode_request
 
-from helpers import examples, wait_for
+from helpers import examples, jpeg_header_only, png_header_only, wait_for
 
 MAX_BODY = 256 * 1024
 MAX_IMAGES = 8
@@ -236,8 +236,6 @@ def test_a_full_server_is_429_and_more_clients_than_it_holds_get_503_at_once(por
 
 
 def test_image_decompression_bombs_to_classify_are_400(port) -> None:
-    from test_reliability_hostile_input import jpeg_header_only, png_header_only
-
     for bomb in (
         png_header_only(5000, 5000, "L"),
         jpeg_header_only(5000, 5000),
