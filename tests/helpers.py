@@ -19,6 +19,7 @@ from PIL import Image
 
 from serving.contract import IMAGE_PIXELS, INPUT_NAME, LABELS, NUM_CLASSES, OUTPUT_NAME
 from serving.mnist import MEAN, STD
+from serving.proto.inference import grpc_service_pb2 as kpb
 
 # Batched and unbatched runs of one model on CPU use the same kernels; rows may differ by float rounding.
 BATCH_TOLERANCE = 1e-6
@@ -27,6 +28,27 @@ BATCH_TOLERANCE = 1e-6
 def assert_same_probabilities(got: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=BATCH_TOLERANCE)
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+ONE_IMAGE = np.zeros((1, 1, 28, 28), np.uint8)
+
+
+def infer_request(
+    images: np.ndarray = ONE_IMAGE, datatype: str = "UINT8", raw: bool = True, *, version: str = "", **fields
+) -> kpb.ModelInferRequest:
+    """A KServe v2 ModelInfer request for model `mnist`: `images` [N, 1, 28, 28] as raw bytes (or as typed
+    contents when raw is False); `fields` set other request fields (id, parameters, ...)."""
+    tensor = kpb.ModelInferRequest.InferInputTensor(
+        name="images", datatype=datatype, shape=list(images.shape)
+    )
+    request = kpb.ModelInferRequest(model_name="mnist", model_version=version, inputs=[tensor], **fields)
+    if raw:
+        request.raw_input_contents.append(images.astype("<f4" if datatype == "FP32" else np.uint8).tobytes())
+    elif datatype == "FP32":
+        request.inputs[0].contents.fp32_contents.extend(images.ravel().astype(float).tolist())
+    else:
+        request.inputs[0].contents.uint_contents.extend(images.ravel().tolist())
+    return request
 
 
 def examples(full: int) -> int:

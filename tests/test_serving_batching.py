@@ -18,12 +18,7 @@ from serving.proto.inference import grpc_service_pb2_grpc
 from serving.runtime import ModelSession, RuntimeOptions
 from serving.statistics import VersionStatistics
 
-from helpers import assert_same_probabilities, wait_for
-
-
-def request(images: np.ndarray) -> pb.ModelInferRequest:
-    tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=list(images.shape))
-    return pb.ModelInferRequest(model_name="mnist", inputs=[tensor], raw_input_contents=[images.tobytes()])
+from helpers import assert_same_probabilities, infer_request, wait_for
 
 
 def probabilities(response: pb.ModelInferResponse) -> np.ndarray:
@@ -45,7 +40,9 @@ def test_concurrent_requests_are_batched_and_equal_unbatched(start_server, repo,
     running = start_server(repo, max_queue_delay_us=20_000)
     with running.channel() as channel, ThreadPoolExecutor(32) as pool:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        futures = [pool.submit(stub.ModelInfer, request(images[i : i + 1]), timeout=30) for i in range(96)]
+        futures = [
+            pool.submit(stub.ModelInfer, infer_request(images[i : i + 1]), timeout=30) for i in range(96)
+        ]
         results = np.concatenate([probabilities(f.result()) for f in futures])
     assert_same_probabilities(results, unbatched[:96])
     runs = running.metric("mnist_batch_size_count", model="mnist")
@@ -57,7 +54,9 @@ def test_large_request_is_split_into_max_batch_size_runs(start_server, repo, ima
     running = start_server(repo, max_batch_size=128)
     with running.channel() as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        assert_same_probabilities(probabilities(stub.ModelInfer(request(images), timeout=30)), unbatched)
+        assert_same_probabilities(
+            probabilities(stub.ModelInfer(infer_request(images), timeout=30)), unbatched
+        )
     assert running.metric("mnist_batch_size_count", model="mnist") >= 5  # 600 images, at most 128 per run
     assert running.metric("mnist_batch_size_bucket", model="mnist", le="128.0") == running.metric(
         "mnist_batch_size_count", model="mnist"
@@ -69,18 +68,18 @@ def test_full_queue_rejects_at_once_and_expired_requests_are_dropped(start_serve
     running = start_server(repo, max_batch_size=256, max_queue_images=256, max_queue_delay_us=10_000_000)
     with running.channel() as channel, ThreadPoolExecutor(2) as pool:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        first = pool.submit(stub.ModelInfer, request(images[:200]), timeout=60)
+        first = pool.submit(stub.ModelInfer, infer_request(images[:200]), timeout=60)
         wait_for(lambda: running.metric("mnist_queue_depth", model="mnist") == 200)
         with pytest.raises(grpc.RpcError) as error:
-            stub.ModelInfer(request(images[200:300]), timeout=60)
+            stub.ModelInfer(infer_request(images[200:300]), timeout=60)
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue full" in error.value.details()
         assert not first.done()  # rejected at once, not after waiting for room in the queue
         with pytest.raises(grpc.RpcError) as error:
-            stub.ModelInfer(request(images[:1]), timeout=0.2)  # expires while queued
+            stub.ModelInfer(infer_request(images[:1]), timeout=0.2)  # expires while queued
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert not first.done()
-        rest = stub.ModelInfer(request(images[300:355]), timeout=60)  # 200 + 1 + 55 = 256: a full batch
+        rest = stub.ModelInfer(infer_request(images[300:355]), timeout=60)  # 200 + 1 + 55 = 256: a full batch
         assert probabilities(first.result()).shape == (200, 10) and probabilities(rest).shape == (55, 10)
     assert running.metric("mnist_requests_dropped_total", reason="deadline_expired") == 1
     assert running.metric("mnist_requests_dropped_total", reason="queue_full") == 1
@@ -115,7 +114,7 @@ def test_one_stream_is_pipelined_into_batches(start_server, repo, images, unbatc
     with running.channel() as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
         responses = list(
-            stub.ModelStreamInfer(iter([request(images[i : i + 1]) for i in range(48)]), timeout=30)
+            stub.ModelStreamInfer(iter([infer_request(images[i : i + 1]) for i in range(48)]), timeout=30)
         )
     results = np.concatenate([probabilities(r.infer_response) for r in responses])
     assert_same_probabilities(results, unbatched[:48])  # in request order

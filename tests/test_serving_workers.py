@@ -31,9 +31,7 @@ from serving.client import MnistClient
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
 
-from helpers import ClientLoad, wait_for
-
-ONE = np.zeros((1, 1, 28, 28), np.uint8)
+from helpers import ClientLoad, infer_request, wait_for
 
 
 def start(repo: Path, tmp_path: Path, workers: int = 2, *extra: str) -> Spawned:
@@ -147,13 +145,6 @@ class PlainClient:
 def lowest_free_fd(pid: int) -> int:
     used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
     return next(n for n in itertools.count() if n not in used)
-
-
-def infer_request(version: str = "") -> pb.ModelInferRequest:
-    tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=[1, 1, 28, 28])
-    return pb.ModelInferRequest(
-        model_name="mnist", model_version=version, inputs=[tensor], raw_input_contents=[ONE.tobytes()]
-    )
 
 
 def test_one_client_reaches_every_worker(trained_repo, tmp_path, mnist) -> None:
