@@ -1,6 +1,12 @@
-"""mnist-train --ensemble: two briefly trained members become one served model that averages them."""
+"""mnist-train --ensemble: two briefly trained members become one served model that averages them.
+
+mnist-train runs in this process on real MNIST with the test split cut to its first TEST_DIGITS digits:
+each member's and each ensemble's evaluation and parity check (a pass over the test split each) then cost
+a tenth, and these tests are about how members combine, not about accuracy.
+"""
 
 import json
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -10,6 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from serving.contract import INPUT_NAME, OUTPUT_NAME
+from serving.mnist import MNIST
 from serving.runtime import ModelSession, RuntimeOptions
 from training.cli import main
 from training.config import ENSEMBLE_RECIPE
@@ -17,6 +24,23 @@ from training.ensemble import load_member
 from training.export import PARITY_TOL, reference_probabilities, versions
 
 TRAIN = ["--arch", "cnn2", "--epochs", "1", "--train-limit", "3000"]
+TEST_DIGITS = 1000
+
+
+@pytest.fixture(scope="module")
+def digits(mnist: MNIST) -> MNIST:
+    """Real MNIST: every training digit (--train-limit picks from them), the first TEST_DIGITS test digits."""
+    return replace(
+        mnist, test_images=mnist.test_images[:TEST_DIGITS], test_labels=mnist.test_labels[:TEST_DIGITS]
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def short_test_split(digits: MNIST):
+    """mnist-train, run in this process, loads `digits` as its MNIST."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("training.cli.load_mnist", lambda *args, **kwargs: digits)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +62,14 @@ def served(path: Path, images: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def on_test_set(mnist):
-    """ONNX Runtime's probabilities on the full test set, computed once per model file."""
+def on_test_set(digits):
+    """ONNX Runtime's probabilities on the (short) test split, computed once per model file."""
 
     def run(path: Path) -> np.ndarray:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        images = mnist.test_images[:, None]
+        images = digits.test_images[:, None]
         return np.concatenate(
-            [session.run(None, {INPUT_NAME: images[i : i + 1000]})[0] for i in range(0, 10_000, 1000)]
+            [session.run(None, {INPUT_NAME: images[i : i + 500]})[0] for i in range(0, len(images), 500)]
         )
 
     return cache(run)
@@ -71,18 +95,18 @@ def test_members_are_exported_and_the_ensemble_keeps_the_contract(ensemble_repo,
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
 
 
-def test_ensemble_is_the_mean_of_its_members(ensemble_repo, mnist, on_test_set):
+def test_ensemble_is_the_mean_of_its_members(ensemble_repo, digits, on_test_set):
     repo = ensemble_repo
     members = [load_member(repo, "digits", version) for version in (1, 2)]
-    expected = np.mean([reference_probabilities(m.net, mnist.test_images) for m in members], axis=0)
+    expected = np.mean([reference_probabilities(m.net, digits.test_images) for m in members], axis=0)
     got = on_test_set(repo / "pair" / "1" / "model.onnx")
     assert np.abs(got - expected).max() <= PARITY_TOL
     assert (got.argmax(1) == expected.argmax(1)).all()
 
 
-def test_metadata_lists_members_and_true_accuracies(ensemble_repo, mnist, on_test_set):
+def test_metadata_lists_members_and_true_accuracies(ensemble_repo, digits, on_test_set):
     def accuracy_of(path: Path) -> float:
-        return float((on_test_set(path).argmax(1) == mnist.test_labels).mean())
+        return float((on_test_set(path).argmax(1) == digits.test_labels).mean())
 
     repo = ensemble_repo
     meta = metadata(repo / "pair" / "1" / "model.onnx")
