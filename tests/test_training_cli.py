@@ -267,10 +267,10 @@ def test_resume_and_fine_tune(tmp_path, mnist, capsys):
         assert torch.equal(weight, tuned.model.features.state_dict()[name]), name  # frozen
     assert not torch.equal(first.model.classifier[-1].weight, tuned.model.classifier[-1].weight)  # trained
 
-    wrong_arch = mnist_train(
-        "--arch", "cnn2", "--resume", str(tmp_path / "last.pt"), "--repo", str(tmp_path / "m")
+    wrong_arch = error_of(
+        capsys, "--arch", "cnn2", "--resume", str(tmp_path / "last.pt"), "--repo", str(tmp_path / "m")
     )
-    assert_clean_error(wrong_arch, "--arch keras")
+    assert "--arch keras" in wrong_arch
 
 
 def test_a_one_cycle_run_resumes_only_to_its_planned_epochs(tmp_path, mnist, capsys):
