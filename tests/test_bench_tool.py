@@ -41,7 +41,8 @@ def repo(tmp_path_factory, mnist) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo, tmp_path_factory):
-    spawned = Spawned.mnist_serve(serve_command(), repo, [], tmp_path_factory.mktemp("logs") / "server.log")
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    spawned = Spawned.mnist_serve(serve_command(), repo, ["--workers", "1"], log)
     try:
         spawned.wait_serving(Connection((spawned.target,)))
         yield spawned
@@ -73,9 +74,9 @@ def _spec(workload, target: str, level: Level, **kw) -> RunSpec:
 def test_end_to_end_outputs_are_consistent(repo, tmp_path):
     out = tmp_path / "out"
     done = _bench(
-        "--spawn", "--repo", str(repo), "--concurrency", "1,4", "--duration", "0.5", "--warmup", "0.2",
-        "--ceiling-batch-sizes", "1", "--out", str(out), "--no-progress",
-        "--compare", "kserve:--max-queue-delay-us 0",
+        "--spawn", "--repo", str(repo), "--server-args=--workers 1", "--concurrency", "1,4",
+        "--duration", "0.5", "--warmup", "0.2", "--ceiling-batch-sizes", "1", "--out", str(out),
+        "--no-progress", "--compare", "kserve:--max-queue-delay-us 0",
         "classify-stream:-- --api classify --stream --images-per-request 2",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -370,7 +371,8 @@ def test_output_into_one_pipe_reads_in_order(repo, tmp_path):
     """stdout and stderr into one file, as `mnist-bench ... > log 2>&1` does: the table's rows come after its
     header, the ceiling once."""
     done = subprocess.run(
-        [sys.executable, "-m", "serving.bench.cli", "--spawn", "--repo", str(repo), "--concurrency", "1",
+        [sys.executable, "-m", "serving.bench.cli", "--spawn", "--repo", str(repo),
+         "--server-args=--workers 1", "--concurrency", "1",
          "--requests", "50", "--warmup", "0", "--baselines", "ceiling", "--ceiling-batch-sizes", "1",
          "--out", str(tmp_path), "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,

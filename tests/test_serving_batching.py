@@ -36,8 +36,15 @@ def unbatched(trained_repo: Path, images) -> np.ndarray:
     return np.concatenate([session.run(image[None]) for image in images])
 
 
+def batch_sizes(running) -> dict[str, float]:
+    """The server's batch size histogram: runs per bucket (cumulative, as Prometheus counts them)."""
+    return {le: running.metric("mnist_batch_size_bucket", model="mnist", le=le) for le in ("4.0", "8.0")}
+
+
 def test_concurrent_requests_are_batched_and_equal_unbatched(start_server, repo, images, unbatched) -> None:
-    running = start_server(repo, max_queue_delay_us=20_000)
+    # A batch starts only when 8 images wait (or after 10 s): 96 concurrent single-image requests must
+    # form 12 full batches, each answered with its own rows.
+    running = start_server(repo, max_batch_size=8, max_queue_delay_us=10_000_000)
     with running.channel() as channel, ThreadPoolExecutor(32) as pool:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
         futures = [
@@ -45,9 +52,9 @@ def test_concurrent_requests_are_batched_and_equal_unbatched(start_server, repo,
         ]
         results = np.concatenate([probabilities(f.result()) for f in futures])
     assert_same_probabilities(results, unbatched[:96])
-    runs = running.metric("mnist_batch_size_count", model="mnist")
     assert running.metric("mnist_batch_size_sum", model="mnist") == 96
-    assert 96 / runs > 1, f"{runs} runs for 96 single-image requests: nothing was batched"
+    assert running.metric("mnist_batch_size_count", model="mnist") == 12
+    assert batch_sizes(running) == {"4.0": 0, "8.0": 12}  # every run had exactly 8 images
 
 
 def test_large_request_is_split_into_max_batch_size_runs(start_server, repo, images, unbatched) -> None:
@@ -110,7 +117,8 @@ def test_a_failed_batch_fails_every_request_in_it() -> None:
 
 
 def test_one_stream_is_pipelined_into_batches(start_server, repo, images, unbatched) -> None:
-    running = start_server(repo, max_queue_delay_us=20_000)
+    # As above, batches of exactly 8 or none: one stream's 48 requests must be in flight together.
+    running = start_server(repo, max_batch_size=8, max_queue_delay_us=10_000_000)
     with running.channel() as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
         responses = list(
@@ -118,7 +126,8 @@ def test_one_stream_is_pipelined_into_batches(start_server, repo, images, unbatc
         )
     results = np.concatenate([probabilities(r.infer_response) for r in responses])
     assert_same_probabilities(results, unbatched[:48])  # in request order
-    assert running.metric("mnist_batch_size_count", model="mnist") < 48
+    assert running.metric("mnist_batch_size_count", model="mnist") == 6
+    assert batch_sizes(running) == {"4.0": 0, "8.0": 6}
 
 
 def recording_batcher(runs: list, **settings) -> Batcher:
