@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +20,6 @@ from pathlib import Path
 import grpc
 import pytest
 from hypothesis import settings
-from prometheus_client.parser import text_string_to_metric_families
 
 from serving.config import HttpOptions
 from serving.mnist import MNIST, load_mnist
@@ -29,6 +27,8 @@ from serving.proto.inference import grpc_service_pb2_grpc
 from serving.proto.mnist.v1 import classify_pb2_grpc
 from serving.runtime import RuntimeOptions
 from serving.server import Server, ServerConfig
+
+from helpers import metric
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,13 +108,8 @@ class RunningServer:
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
 
     def metric(self, name: str, **labels: str) -> float:
-        """Current value of one sample on the /metrics endpoint (0 if absent)."""
-        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return 0.0
+        """Current value of the samples called `name` with these labels on /metrics (0 if absent)."""
+        return metric(self.metrics_url, name, **labels)
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.target)

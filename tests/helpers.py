@@ -5,6 +5,7 @@ import io
 import struct
 import threading
 import time
+import urllib.request
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -16,6 +17,8 @@ import onnx
 from hypothesis import settings
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from serving.contract import IMAGE_PIXELS, INPUT_NAME, LABELS, NUM_CLASSES, OUTPUT_NAME
 from serving.mnist import MEAN, STD
@@ -55,6 +58,30 @@ def examples(full: int) -> int:
     """A property's example count: `full` under HYPOTHESIS_PROFILE=full (max_examples 1000), a tenth of it
     but at least 20 under the default "ci" profile (max_examples 100); see conftest.py."""
     return max(20, full * settings().max_examples // 1000)
+
+
+def scrape(metrics_url: str, name: str, **labels: str) -> list[Sample]:
+    """The samples called `name` whose labels include `labels`, read from a /metrics endpoint now."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    ]
+
+
+def metric(metrics_url: str, name: str, **labels: str) -> float:
+    """The sum of those samples' values (0 if there are none)."""
+    return sum(sample.value for sample in scrape(metrics_url, name, **labels))
+
+
+def metric_by(metrics_url: str, name: str, label: str, **labels: str) -> Counter:
+    """Those samples' values summed by the value of one label (e.g. by worker, by status)."""
+    counts: Counter = Counter()
+    for sample in scrape(metrics_url, name, **labels):
+        counts[sample.labels[label]] += sample.value
+    return counts
 
 
 def wait_for(condition: Callable[[], object], seconds: float = 30.0, what: str = "condition") -> None:

@@ -13,14 +13,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from serving.bench import report
 from serving.bench.apis import build_workload
@@ -31,7 +29,7 @@ from serving.bench.rest import server_counts_as_http
 from serving.bench.runner import split_spec
 from serving.bench.spawn import Spawned, serve_command
 
-from helpers import add_model, fitted_repo, fitted_weights, slow_model, wait_for
+from helpers import add_model, fitted_repo, fitted_weights, metric, metric_by, slow_model, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -217,14 +215,9 @@ def test_http_requests_are_spread_over_every_worker_process(repo, mnist, tmp_pat
             workload, connection, Level(rate=200.0), start_at=time.time(), warmup_s=0.0, duration_s=1.0
         )
         assert run(spec).status == {"OK": 200}
-        text = urllib.request.urlopen(spawned.metrics_url, timeout=10).read().decode()
+        by_worker = metric_by(spawned.metrics_url, "mnist_requests_total", "worker", protocol="http")
     finally:
         assert spawned.stop() == 0
-    by_worker = Counter()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "mnist_requests_total" and sample.labels["protocol"] == "http":
-                by_worker[sample.labels["worker"]] += sample.value
     assert set(by_worker) == {"0", "1"} and by_worker.total() == 200, by_worker
 
 
@@ -436,13 +429,6 @@ def test_a_running_server_over_both_protocols_in_one_run(server, tmp_path):
         assert row["status"] == {"OK": 30} and row["server_level_status"] == row["level_status"] == {"OK": 30}
 
 
-def _served_requests(metrics_url: str) -> float:
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    return sum(
-        float(v) for v in re.findall(r'^mnist_requests_total\{[^}]*status="OK"[^}]*\} (\S+)', text, re.M)
-    )
-
-
 def test_a_server_killed_midway_fails_its_configuration_and_the_next_one_runs(repo, tmp_path):
     out = tmp_path / "out"
     bench = subprocess.Popen(
@@ -461,7 +447,7 @@ def test_a_server_killed_midway_fails_its_configuration_and_the_next_one_runs(re
 
         def answering() -> bool:
             try:
-                return _served_requests(url) >= 100
+                return metric(url, "mnist_requests_total", status="OK") >= 100
             except OSError:  # not listening yet
                 return False
 

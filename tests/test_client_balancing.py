@@ -6,29 +6,21 @@ The replicas are real `mnist-serve` processes; the loopback addresses stand in f
 """
 
 import re
-import urllib.request
 from collections import Counter
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from serving.bench.loadgen import Connection
 from serving.bench.spawn import Spawned, free_port, serve_command
 from serving.client import MnistClient
 
-from helpers import ClientLoad, wait_for
+from helpers import ClientLoad, metric, wait_for
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
 
-def answered_by(replica: Spawned) -> int:
-    text = urllib.request.urlopen(replica.metrics_url, timeout=10).read().decode()
-    return sum(
-        int(s.value)
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "mnist_requests_total" and s.labels["status"] == "OK"
-    )
+def answered_by(replica: Spawned) -> float:
+    return metric(replica.metrics_url, "mnist_requests_total", status="OK")
 
 
 def start_replica(repo, host: str, port: int, log) -> Spawned:

@@ -9,7 +9,6 @@ time. benchmarks/reliability/soak.py runs the same scenarios for longer and writ
 import statistics
 import threading
 import time
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -18,7 +17,6 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from serving.bench.apis import build_workload
 from serving.bench.loadgen import Connection, Level, RunResult, RunSpec, run
@@ -26,6 +24,8 @@ from serving.bench.spawn import Spawned, serve_command
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
 from serving.server import ServerConfig
+
+from helpers import metric, metric_by
 
 QUEUE_IMAGES = ServerConfig().max_queue_images  # the default, 4096
 # One process: psutil then reads the memory of the server that holds the requests.
@@ -61,11 +61,6 @@ def capacity(served: Spawned, workload) -> float:
     return result.status["OK"] / result.window_s
 
 
-def scrape(url: str, name: str) -> float:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
-
-
 @contextmanager
 def sampling(served: Spawned, every_s: float = 0.2):
     """Sample the server's RSS (and its queue depth gauge) in the background: yields the sample list."""
@@ -73,7 +68,7 @@ def sampling(served: Spawned, every_s: float = 0.2):
 
     def sample() -> None:
         while not stop.wait(every_s):
-            queued = scrape(served.metrics_url, "mnist_queue_depth")
+            queued = metric(served.metrics_url, "mnist_queue_depth")
             samples.append((time.time(), process.memory_info().rss, queued))
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -116,13 +111,7 @@ def test_soak_at_80_percent_of_capacity_answers_everything_in_bounded_memory(ser
 
 
 def server_requests(served: Spawned) -> Counter:
-    text = urllib.request.urlopen(served.metrics_url, timeout=10).read().decode()
-    counts: Counter = Counter()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "mnist_requests_total":
-                counts[s.labels["status"]] += int(s.value)
-    return counts
+    return metric_by(served.metrics_url, "mnist_requests_total", "status")
 
 
 def test_overload_is_shed_with_resource_exhausted_and_accepted_requests_finish(served, mnist) -> None:

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,6 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from test_serving_kserve import triton_statistics
 
 from serving.bench.loadgen import Connection
@@ -31,7 +29,7 @@ from serving.client import MnistClient
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
 
-from helpers import ClientLoad, infer_request, wait_for
+from helpers import ClientLoad, infer_request, metric_by, scrape, wait_for
 
 
 def start(repo: Path, tmp_path: Path, workers: int = 2, *extra: str) -> Spawned:
@@ -50,20 +48,12 @@ def start(repo: Path, tmp_path: Path, workers: int = 2, *extra: str) -> Spawned:
     return served
 
 
-def samples(served: Spawned, name: str) -> list:
-    text = urllib.request.urlopen(served.metrics_url, timeout=10).read().decode()
-    return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
-
-
 def requests_by_worker(served: Spawned) -> Counter:
-    counts: Counter = Counter()
-    for s in samples(served, "mnist_requests_total"):
-        counts[s.labels["worker"]] += int(s.value)
-    return counts
+    return metric_by(served.metrics_url, "mnist_requests_total", "worker")
 
 
 def worker_value(served: Spawned, name: str, worker: int) -> float:
-    return next(s.value for s in samples(served, name) if s.labels["worker"] == str(worker))
+    return next(sample.value for sample in scrape(served.metrics_url, name, worker=str(worker)))
 
 
 def worker_pid(served: Spawned, worker: int) -> int:
