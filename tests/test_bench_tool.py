@@ -5,8 +5,6 @@ second, written as an ONNX model honouring the serving contract, so these tests 
 """
 
 import csv
-import datetime
-import ipaddress
 import json
 import re
 import signal
@@ -29,7 +27,7 @@ from serving.bench.rest import server_counts_as_http
 from serving.bench.runner import split_spec
 from serving.bench.spawn import Spawned, serve_command
 
-from helpers import add_model, fitted_repo, fitted_weights, metric, metric_by, slow_model, wait_for
+from helpers import add_model, fitted_repo, fitted_weights, metric, metric_by, pki, slow_model, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -270,48 +268,16 @@ def test_compare_runs_different_running_servers_side_by_side():
     assert (other.request.protocol, other.request.tensors) == ("http", "json")
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for localhost/127.0.0.1 that is its own CA, and its key."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_tls_and_token(repo, mnist, tmp_path, protocol):
-    cert, key = _self_signed(tmp_path)
+    certificates = pki(tmp_path)
+    cert, key, ca = certificates["server_cert"], certificates["server_key"], certificates["ca"]
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     server_args = f"--tls-cert {cert} --tls-key {key} --auth-token-file {token} --workers 1"
     out = tmp_path / "out"
     done = _bench(
-        "--spawn", "--repo", str(repo), "--server-args", server_args, "--tls-ca", str(cert),
+        "--spawn", "--repo", str(repo), "--server-args", server_args, "--tls-ca", str(ca),
         "--auth-token-file", str(token), "--concurrency", "2", "--requests", "200", "--warmup", "0.2",
         "--baselines", "none", "--protocol", protocol,
         "--out", str(out), "--no-progress",
