@@ -30,7 +30,7 @@ from helpers import metric, metric_by
 QUEUE_IMAGES = ServerConfig().max_queue_images  # the default, 4096
 # One process: psutil then reads the memory of the server that holds the requests.
 SERVER_ARGS = ["--device", "cpu", "--grace", "10", "--workers", "1"]
-SOAK_SECONDS = 12.0  # benchmarks/reliability/soak.py runs 60 s
+SOAK_SECONDS = 6.0  # benchmarks/reliability/soak.py runs 60 s
 TIMEOUT_S = 10.0  # every request's deadline
 
 
@@ -93,7 +93,7 @@ def test_soak_at_80_percent_of_capacity_answers_everything_in_bounded_memory(ser
     unary = build_workload("kserve", False, "mnist", "", images, labels, 1)
     streamed = build_workload("classify", True, "mnist", "", images, labels, 1)
     rate = 0.8 * capacity(served, unary)
-    warmup = 3.0
+    warmup = 2.0
     with sampling(served) as samples, ThreadPoolExecutor(2) as pool:
         began = time.time() + warmup
         # Both APIs at once: 5/8 of the load as KServe unary calls, 3/8 on 4 mnist.v1 streams.
@@ -124,7 +124,7 @@ def test_overload_is_shed_with_resource_exhausted_and_accepted_requests_finish(s
         began = time.time()
         # A generous deadline: what matters is that every request is answered or refused, whatever the
         # machine's speed. No warm-up, so the server's counts and the client's cover the same requests.
-        result = load(served, workload, Level(rate=rate), seconds=8.0, warmup=0.0, timeout_s=60.0)
+        result = load(served, workload, Level(rate=rate), seconds=5.0, warmup=0.0, timeout_s=60.0)
     seen = server_requests(served) - before
     # Every request was answered or refused at once: by the server with RESOURCE_EXHAUSTED (its queue or
     # its limit of requests in progress full), or, when calls came faster than the server could even take
