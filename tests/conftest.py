@@ -81,6 +81,17 @@ def mnist() -> MNIST:
     return load_mnist()
 
 
+@pytest.fixture(scope="module")
+def short_test_split(mnist: MNIST) -> Iterator[MNIST]:
+    """Real MNIST with its test split cut to the first 1,000 digits, which mnist-train run in this process
+    (training.cli.main) loads for the module: every export's evaluation and parity check pass over the test
+    split, so tests about something else than accuracy pay a tenth of that."""
+    short = replace(mnist, test_images=mnist.test_images[:1000], test_labels=mnist.test_labels[:1000])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("training.cli.load_mnist", lambda *args, **kwargs: short)
+        yield short
+
+
 class RunningServer:
     """A Server on its own event loop in a background thread, like mnist-serve but in this process."""
 

@@ -1,12 +1,10 @@
 """mnist-train --ensemble: two briefly trained members become one served model that averages them.
 
-mnist-train runs in this process on real MNIST with the test split cut to its first TEST_DIGITS digits:
-each member's and each ensemble's evaluation and parity check (a pass over the test split each) then cost
-a tenth, and these tests are about how members combine, not about accuracy.
+mnist-train runs in this process on real MNIST with the test split cut to its first 1,000 digits
+(conftest.py, short_test_split): these tests are about how members combine, not about accuracy.
 """
 
 import json
-from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -24,27 +22,17 @@ from training.ensemble import load_member
 from training.export import PARITY_TOL, reference_probabilities, versions
 
 TRAIN = ["--arch", "cnn2", "--epochs", "1", "--train-limit", "3000"]
-TEST_DIGITS = 1000
+pytestmark = pytest.mark.usefixtures("short_test_split")  # mnist-train here sees 1,000 test digits
 
 
 @pytest.fixture(scope="module")
-def digits(mnist: MNIST) -> MNIST:
-    """Real MNIST: every training digit (--train-limit picks from them), the first TEST_DIGITS test digits."""
-    return replace(
-        mnist, test_images=mnist.test_images[:TEST_DIGITS], test_labels=mnist.test_labels[:TEST_DIGITS]
-    )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def short_test_split(digits: MNIST):
-    """mnist-train, run in this process, loads `digits` as its MNIST."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("training.cli.load_mnist", lambda *args, **kwargs: digits)
-        yield
+def digits(short_test_split: MNIST) -> MNIST:
+    """The MNIST that mnist-train sees here: the members' and the ensembles' test digits."""
+    return short_test_split
 
 
 @pytest.fixture(scope="module")
-def ensemble_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def ensemble_repo(tmp_path_factory: pytest.TempPathFactory, short_test_split: MNIST) -> Path:
     """Members digits:1 and digits:2 (seeds 0 and 1) trained in the same command as the ensemble `pair`."""
     repo = tmp_path_factory.mktemp("ensemble") / "repo"
     main([*TRAIN, "--repo", str(repo), "--name", "digits", "--seeds", "0,1", "--ensemble", "pair"])
