@@ -397,7 +397,7 @@ def test_http_off_and_flags(start_server, repo) -> None:
 
 
 def test_requests_in_flight_finish_on_shutdown(start_server, repo, digits) -> None:
-    running = start_server(repo, max_queue_delay_us=10_000_000)  # no batch starts before the shutdown
+    running = start_server(repo, max_queue_delay_us=2_000_000)  # a batch waits up to 2 s for more
     port = running.server.http_port
     body, headers = encode_request(digits[0][:1])
     answers = []
