@@ -416,7 +416,7 @@ def test_sigint_during_the_second_seed_names_the_first_seeds_export(tmp_path):
         "--epochs",
         "1",
         "--train-limit",
-        "5000",
+        "2000",
     ]
     command += ["--seeds", "0,1", "--repo", str(repo), "--name", "digits"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
