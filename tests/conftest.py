@@ -8,18 +8,18 @@ arguments: edit training/ and the next run trains again.
 
 import asyncio
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from hypothesis import settings
 
 from serving.config import HttpOptions
 from serving.mnist import MNIST, load_mnist
@@ -28,7 +28,16 @@ from serving.proto.mnist.v1 import classify_pb2_grpc
 from serving.runtime import RuntimeOptions
 from serving.server import Server, ServerConfig
 
+from helpers import metric
+
 ROOT = Path(__file__).resolve().parent.parent
+
+# Hypothesis profiles. "ci" (the default) runs a tenth of each property's examples, at least 20;
+# HYPOTHESIS_PROFILE=full runs all of them (about 3,000 across the suite), e.g. before a release.
+# Properties size themselves with helpers.examples(full_count).
+settings.register_profile("ci", max_examples=100)
+settings.register_profile("full", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 TRAIN_ARGS = ["--arch", "cnn2", "--epochs", "1", "--lr", "0.003", "--label-smoothing", "0"]
 TRAIN_ARGS += ["--train-limit", "10000", "--name", "mnist"]
 
@@ -72,6 +81,17 @@ def mnist() -> MNIST:
     return load_mnist()
 
 
+@pytest.fixture(scope="module")
+def short_test_split(mnist: MNIST) -> Iterator[MNIST]:
+    """Real MNIST with its test split cut to the first 1,000 digits, which mnist-train run in this process
+    (training.cli.main) loads for the module: every export's evaluation and parity check pass over the test
+    split, so tests about something else than accuracy pay a tenth of that."""
+    short = replace(mnist, test_images=mnist.test_images[:1000], test_labels=mnist.test_labels[:1000])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("training.cli.load_mnist", lambda *args, **kwargs: short)
+        yield short
+
+
 class RunningServer:
     """A Server on its own event loop in a background thread, like mnist-serve but in this process."""
 
@@ -99,13 +119,8 @@ class RunningServer:
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
 
     def metric(self, name: str, **labels: str) -> float:
-        """Current value of one sample on the /metrics endpoint (0 if absent)."""
-        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return 0.0
+        """Current value of the samples called `name` with these labels on /metrics (0 if absent)."""
+        return metric(self.metrics_url, name, **labels)
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.target)

@@ -1,8 +1,14 @@
 """What several test files share: waiting on a condition, the one tolerance for batched results, and small
 ONNX models built by hand (to serve without training, or to break the contract one way at a time)."""
 
+import datetime
+import io
+import ipaddress
+import struct
 import threading
 import time
+import urllib.request
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -10,10 +16,19 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import settings
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from serving.contract import IMAGE_PIXELS, INPUT_NAME, LABELS, NUM_CLASSES, OUTPUT_NAME
 from serving.mnist import MEAN, STD
+from serving.proto.inference import grpc_service_pb2 as kpb
 
 # Batched and unbatched runs of one model on CPU use the same kernels; rows may differ by float rounding.
 BATCH_TOLERANCE = 1e-6
@@ -22,6 +37,57 @@ BATCH_TOLERANCE = 1e-6
 def assert_same_probabilities(got: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=BATCH_TOLERANCE)
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+ONE_IMAGE = np.zeros((1, 1, 28, 28), np.uint8)
+
+
+def infer_request(
+    images: np.ndarray = ONE_IMAGE, datatype: str = "UINT8", raw: bool = True, *, version: str = "", **fields
+) -> kpb.ModelInferRequest:
+    """A KServe v2 ModelInfer request for model `mnist`: `images` [N, 1, 28, 28] as raw bytes (or as typed
+    contents when raw is False); `fields` set other request fields (id, parameters, ...)."""
+    tensor = kpb.ModelInferRequest.InferInputTensor(
+        name="images", datatype=datatype, shape=list(images.shape)
+    )
+    request = kpb.ModelInferRequest(model_name="mnist", model_version=version, inputs=[tensor], **fields)
+    if raw:
+        request.raw_input_contents.append(images.astype("<f4" if datatype == "FP32" else np.uint8).tobytes())
+    elif datatype == "FP32":
+        request.inputs[0].contents.fp32_contents.extend(images.ravel().astype(float).tolist())
+    else:
+        request.inputs[0].contents.uint_contents.extend(images.ravel().tolist())
+    return request
+
+
+def examples(full: int) -> int:
+    """A property's example count: `full` under HYPOTHESIS_PROFILE=full (max_examples 1000), a tenth of it
+    but at least 20 under the default "ci" profile (max_examples 100); see conftest.py."""
+    return max(20, full * settings().max_examples // 1000)
+
+
+def scrape(metrics_url: str, name: str, **labels: str) -> list[Sample]:
+    """The samples called `name` whose labels include `labels`, read from a /metrics endpoint now."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    ]
+
+
+def metric(metrics_url: str, name: str, **labels: str) -> float:
+    """The sum of those samples' values (0 if there are none)."""
+    return sum(sample.value for sample in scrape(metrics_url, name, **labels))
+
+
+def metric_by(metrics_url: str, name: str, label: str, **labels: str) -> Counter:
+    """Those samples' values summed by the value of one label (e.g. by worker, by status)."""
+    counts: Counter = Counter()
+    for sample in scrape(metrics_url, name, **labels):
+        counts[sample.labels[label]] += sample.value
+    return counts
 
 
 def wait_for(condition: Callable[[], object], seconds: float = 30.0, what: str = "condition") -> None:
@@ -179,3 +245,102 @@ class ClientLoad:
                     self.answered += 1
                 else:
                     self.errors[outcome] += 1
+
+
+# -- decompression bombs: small files whose header declares a huge image -------------------------------------
+def png_header_only(width: int, height: int, mode: int) -> bytes:
+    """A valid PNG signature + IHDR declaring width x height, then a few bytes of IDAT and IEND."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    color_type = {"L": 0, "RGB": 2, "RGBA": 6}[mode] if isinstance(mode, str) else mode
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def gif_header_only(width: int, height: int) -> bytes:
+    screen = b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0)
+    descriptor = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0)
+    return screen + descriptor + b"\x08\x02\x4c\x01\x00;"
+
+
+def bmp_header_only(width: int, height: int) -> bytes:
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 0, 0, 2835, 2835, 256, 0)
+    palette = bytes(4 * 256)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + 64, 0, 0, offset) + info + palette + bytes(64)
+
+
+def jpeg_header_only(width: int, height: int) -> bytes:
+    """A real 8x8 JPEG with the frame header (SOF0) patched to declare width x height."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+# -- certificates: a CA, server and client certificates for TLS and mutual TLS on loopback ---------------
+def issue(name: str, issuer_key=None, issuer_name=None, usage=None, ca: bool = False):
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name or subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if usage == "server":
+        san = x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        )
+        builder = builder.add_extension(san, critical=False)
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+    elif usage == "client":
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    return key, cert
+
+
+def write_pem(directory: Path, name: str, key, cert) -> tuple[Path, Path]:
+    key_path, cert_path = directory / f"{name}.key", directory / f"{name}.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def pki(directory: Path) -> dict[str, Path]:
+    """A test CA; a server certificate for localhost/127.0.0.1 and a client certificate it issued; and a
+    client certificate from a rogue CA. Paths of the PEM files written into `directory`."""
+    ca_key, ca_cert = issue("test CA", ca=True)
+    _, ca_path = write_pem(directory, "ca", ca_key, ca_cert)
+    server_key, server_cert = write_pem(
+        directory, "server", *issue("localhost", ca_key, ca_cert.subject, "server")
+    )
+    client_key, client_cert = write_pem(
+        directory, "client", *issue("client", ca_key, ca_cert.subject, "client")
+    )
+    rogue_ca_key, rogue_ca = issue("rogue CA", ca=True)
+    rogue_key, rogue_cert = write_pem(
+        directory, "rogue", *issue("rogue", rogue_ca_key, rogue_ca.subject, "client")
+    )
+    return {
+        "ca": ca_path, "server_cert": server_cert, "server_key": server_key, "client_cert": client_cert,
+        "client_key": client_key, "rogue_cert": rogue_cert, "rogue_key": rogue_key,
+    }  # fmt: skip

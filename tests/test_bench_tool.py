@@ -5,32 +5,29 @@ second, written as an ONNX model honouring the serving contract, so these tests 
 """
 
 import csv
-import datetime
-import ipaddress
 import json
 import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from serving.bench import report
 from serving.bench.apis import build_workload
+from serving.bench.cli import main as bench_main
 from serving.bench.cli import parse_args
 from serving.bench.loadgen import Connection, Level, RunResult, RunSpec, run, schedule
 from serving.bench.rest import server_counts_as_http
 from serving.bench.runner import split_spec
 from serving.bench.spawn import Spawned, serve_command
 
-from helpers import add_model, fitted_repo, fitted_weights, slow_model, wait_for
+from helpers import add_model, fitted_repo, fitted_weights, metric, metric_by, pki, slow_model, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +37,8 @@ def repo(tmp_path_factory, mnist) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo, tmp_path_factory):
-    spawned = Spawned.mnist_serve(serve_command(), repo, [], tmp_path_factory.mktemp("logs") / "server.log")
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    spawned = Spawned.mnist_serve(serve_command(), repo, ["--workers", "1"], log)
     try:
         spawned.wait_serving(Connection((spawned.target,)))
         yield spawned
@@ -72,9 +70,9 @@ def _spec(workload, target: str, level: Level, **kw) -> RunSpec:
 def test_end_to_end_outputs_are_consistent(repo, tmp_path):
     out = tmp_path / "out"
     done = _bench(
-        "--spawn", "--repo", str(repo), "--concurrency", "1,4", "--duration", "0.5", "--warmup", "0.2",
-        "--ceiling-batch-sizes", "1", "--out", str(out), "--no-progress",
-        "--compare", "kserve:--max-queue-delay-us 0",
+        "--spawn", "--repo", str(repo), "--server-args=--workers 1", "--concurrency", "1,4",
+        "--duration", "0.5", "--warmup", "0.2", "--ceiling-batch-sizes", "1", "--out", str(out),
+        "--no-progress", "--compare", "kserve:--max-queue-delay-us 0",
         "classify-stream:-- --api classify --stream --images-per-request 2",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -215,14 +213,9 @@ def test_http_requests_are_spread_over_every_worker_process(repo, mnist, tmp_pat
             workload, connection, Level(rate=200.0), start_at=time.time(), warmup_s=0.0, duration_s=1.0
         )
         assert run(spec).status == {"OK": 200}
-        text = urllib.request.urlopen(spawned.metrics_url, timeout=10).read().decode()
+        by_worker = metric_by(spawned.metrics_url, "mnist_requests_total", "worker", protocol="http")
     finally:
         assert spawned.stop() == 0
-    by_worker = Counter()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "mnist_requests_total" and sample.labels["protocol"] == "http":
-                by_worker[sample.labels["worker"]] += sample.value
     assert set(by_worker) == {"0", "1"} and by_worker.total() == 200, by_worker
 
 
@@ -275,48 +268,16 @@ def test_compare_runs_different_running_servers_side_by_side():
     assert (other.request.protocol, other.request.tensors) == ("http", "json")
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for localhost/127.0.0.1 that is its own CA, and its key."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_tls_and_token(repo, mnist, tmp_path, protocol):
-    cert, key = _self_signed(tmp_path)
+    certificates = pki(tmp_path)
+    cert, key, ca = certificates["server_cert"], certificates["server_key"], certificates["ca"]
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     server_args = f"--tls-cert {cert} --tls-key {key} --auth-token-file {token} --workers 1"
     out = tmp_path / "out"
     done = _bench(
-        "--spawn", "--repo", str(repo), "--server-args", server_args, "--tls-ca", str(cert),
+        "--spawn", "--repo", str(repo), "--server-args", server_args, "--tls-ca", str(ca),
         "--auth-token-file", str(token), "--concurrency", "2", "--requests", "200", "--warmup", "0.2",
         "--baselines", "none", "--protocol", protocol,
         "--out", str(out), "--no-progress",
@@ -355,16 +316,22 @@ def test_a_server_that_cannot_start_is_one_line(repo, tmp_path):
         (["--spawn", "--repo", "r", "--compare", "x:-- --server h:1"], "only the per-configuration options"),
     ],
 )
-def test_bad_arguments_exit_with_one_clear_line(argv, message):
-    done = _bench(*argv)
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+def test_bad_arguments_exit_with_one_clear_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("mnist-bench: error:")] == [
+        err.splitlines()[-1]
+    ]
 
 
 def test_output_into_one_pipe_reads_in_order(repo, tmp_path):
     """stdout and stderr into one file, as `mnist-bench ... > log 2>&1` does: the table's rows come after its
     header, the ceiling once."""
     done = subprocess.run(
-        [sys.executable, "-m", "serving.bench.cli", "--spawn", "--repo", str(repo), "--concurrency", "1",
+        [sys.executable, "-m", "serving.bench.cli", "--spawn", "--repo", str(repo),
+         "--server-args=--workers 1", "--concurrency", "1",
          "--requests", "50", "--warmup", "0", "--baselines", "ceiling", "--ceiling-batch-sizes", "1",
          "--out", str(tmp_path), "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
@@ -428,13 +395,6 @@ def test_a_running_server_over_both_protocols_in_one_run(server, tmp_path):
         assert row["status"] == {"OK": 30} and row["server_level_status"] == row["level_status"] == {"OK": 30}
 
 
-def _served_requests(metrics_url: str) -> float:
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    return sum(
-        float(v) for v in re.findall(r'^mnist_requests_total\{[^}]*status="OK"[^}]*\} (\S+)', text, re.M)
-    )
-
-
 def test_a_server_killed_midway_fails_its_configuration_and_the_next_one_runs(repo, tmp_path):
     out = tmp_path / "out"
     bench = subprocess.Popen(
@@ -453,7 +413,7 @@ def test_a_server_killed_midway_fails_its_configuration_and_the_next_one_runs(re
 
         def answering() -> bool:
             try:
-                return _served_requests(url) >= 100
+                return metric(url, "mnist_requests_total", status="OK") >= 100
             except OSError:  # not listening yet
                 return False
 

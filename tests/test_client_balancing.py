@@ -6,74 +6,72 @@ The replicas are real `mnist-serve` processes; the loopback addresses stand in f
 """
 
 import re
-import urllib.request
 from collections import Counter
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from serving.bench.loadgen import Connection
 from serving.bench.spawn import Spawned, free_port, serve_command
 from serving.client import MnistClient
 
-from helpers import ClientLoad, wait_for
+from helpers import ClientLoad, metric, wait_for
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
 
-def answered_by(replica: Spawned) -> int:
-    text = urllib.request.urlopen(replica.metrics_url, timeout=10).read().decode()
-    return sum(
-        int(s.value)
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "mnist_requests_total" and s.labels["status"] == "OK"
-    )
+def answered_by(replica: Spawned) -> float:
+    return metric(replica.metrics_url, "mnist_requests_total", status="OK")
+
+
+def start_replica(repo, host: str, port: int, log) -> Spawned:
+    metrics_port = free_port()
+    command = [*serve_command(), "--repo", str(repo), "--host", host, "--port", str(port), "--http-port", "0"]
+    command += ["--metrics-port", str(metrics_port), "--workers", "1", "--device", "cpu", "--grace", "10"]
+    replica = Spawned(command, port, metrics_port, log)
+    replica.target = f"{host}:{port}"
+    return replica
+
+
+@pytest.fixture(scope="module")
+def replica_set(trained_repo, tmp_path_factory):
+    """Three replicas for the module (the current one on each host); replicas() restarts a stopped one."""
+    port, logs = free_port(), tmp_path_factory.mktemp("replicas")
+    current: list[Spawned] = []
+    stopped: list[Spawned] = []
+
+    def restart(i: int) -> None:
+        stopped.append(current[i])
+        current[i] = start_replica(trained_repo, HOSTS[i], port, logs / f"replica{i}-{len(stopped)}.log")
+
+    try:
+        current += [
+            start_replica(trained_repo, host, port, logs / f"replica{i}.log") for i, host in enumerate(HOSTS)
+        ]
+        yield current, restart, "ipv4:" + ",".join(f"{host}:{port}" for host in HOSTS)
+    finally:
+        for replica in current + stopped:
+            replica.stop()
 
 
 @pytest.fixture
-def replicas(trained_repo, tmp_path):
-    port = free_port()
-    started = []
-    try:
-        for i, host in enumerate(HOSTS):
-            command = [
-                *serve_command(),
-                "--repo",
-                str(trained_repo),
-                "--host",
-                host,
-                "--port",
-                str(port),
-                "--metrics-port",
-                str(free_port()),
-                "--http-port",
-                "0",
-                "--workers",
-                "1",
-                "--device",
-                "cpu",
-                "--grace",
-                "10",
-            ]
-            replica = Spawned(command, port, int(command[command.index("--metrics-port") + 1]),
-                              tmp_path / f"replica{i}.log")  # fmt: skip
-            replica.target = f"{host}:{port}"
-            started.append(replica)
-        for replica in started:
-            replica.wait_serving(Connection((replica.target,)))
-        yield started, "ipv4:" + ",".join(f"{host}:{port}" for host in HOSTS)
-    finally:
-        for replica in started:
-            replica.stop()
+def replicas(replica_set):
+    """(the three replicas, every one serving; the one target that names them all)."""
+    current, restart, target = replica_set
+    for i, replica in enumerate(current):
+        if replica.process.poll() is not None:  # stopped by an earlier test
+            restart(i)
+    for replica in current:
+        replica.wait_serving(Connection((replica.target,)))
+    return list(current), target
 
 
 def test_one_target_spreads_over_every_replica(replicas, mnist) -> None:
     servers, target = replicas
+    before = [answered_by(s) for s in servers]
     with MnistClient(target, connections=1) as client:  # one channel: round_robin alone spreads the calls
         for i in range(60):
             assert client.classify(mnist.test_images[i]).predictions[0].label in range(10)
-    counts = [answered_by(s) for s in servers]
+    counts = [answered_by(s) - n for s, n in zip(servers, before, strict=True)]
     assert sum(counts) == 60 and min(counts) >= 15, counts  # round robin: about 20 each
 
 
@@ -91,12 +89,20 @@ def test_the_client_moves_to_the_other_replicas_when_one_stops(replicas, mnist, 
     servers, target = replicas
     victim, others = servers[1], (servers[0], servers[2])
     threads = 4
+    # The replicas serve the whole module: count from here. Every call an earlier test started was answered.
+    victim_start = answered_by(victim)
+    others_start = sum(answered_by(s) for s in others)
     with (
         MnistClient(target, connections=2) as client,
         ClientLoad(client, mnist.test_images[:2], threads=threads) as load,
     ):
-        wait_for(lambda: min(answered_by(s) for s in servers) > 10, 60, "load on every replica")
-        victim_before = answered_by(victim)
+        start = [answered_by(s) for s in servers]
+        wait_for(
+            lambda: all(answered_by(s) > n + 10 for s, n in zip(servers, start, strict=True)),
+            60,
+            "load on every replica",
+        )
+        victim_before = answered_by(victim) - victim_start
         if stop_signal == "SIGKILL":
             victim.process.kill()
         else:
@@ -108,7 +114,7 @@ def test_the_client_moves_to_the_other_replicas_when_one_stops(replicas, mnist, 
             60,
             "the other replicas taking the load",
         )
-    survivors = sum(answered_by(s) for s in others)  # final: the load has stopped
+    survivors = sum(answered_by(s) for s in others) - others_start  # final: the load has stopped
     from_victim = load.answered - survivors  # answers the client got from the stopped replica
     seen = f"client: {load.answered} answered, errors {dict(load.errors)}"
     print(f"{stop_signal}: {seen}; replicas: {survivors} + {from_victim} ({victim_before} before the signal)")
@@ -122,5 +128,6 @@ def test_the_client_moves_to_the_other_replicas_when_one_stops(replicas, mnist, 
         started, answered = map(int, re.search(
             r"event=stopped requests_started=(\d+) requests_answered=(\d+)", victim.log_path.read_text()
         ).groups())  # fmt: skip
-        assert started == answered == from_victim  # nothing accepted was lost; nothing answered twice
+        # Nothing accepted was lost; nothing answered twice.
+        assert started - victim_start == answered - victim_start == from_victim
         assert set(load.errors) <= {"CANCELLED"}, load.errors

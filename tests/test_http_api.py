@@ -8,7 +8,6 @@ import json
 import ssl
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
@@ -25,7 +24,7 @@ from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc, model_config_pb2
 from serving.proto.mnist.v1 import classify_pb2
 
-from helpers import assert_same_probabilities, wait_for
+from helpers import assert_same_probabilities, metric_by, wait_for
 
 
 def call(
@@ -507,8 +506,6 @@ def test_full_queue_is_429_and_an_expired_deadline_504(start_server, repo, mnist
 
 
 def test_the_http_port_reaches_every_worker_and_one_repository_state(trained_repo, tmp_path, digits) -> None:
-    from prometheus_client.parser import text_string_to_metric_families
-
     from serving.bench.loadgen import Connection
     from serving.bench.spawn import Spawned, serve_command
 
@@ -522,12 +519,7 @@ def test_the_http_port_reaches_every_worker_and_one_repository_state(trained_rep
         body, headers = encode_request(digits[0][:1])
         for _ in range(40):  # each on a new connection, which the kernel hands to either worker
             assert call(served.http_port, "POST", "/v2/models/mnist/infer", body, headers)[0] == 200
-        text = urllib.request.urlopen(served.metrics_url, timeout=10).read().decode()
-        by_worker: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == "mnist_requests_total" and s.labels["protocol"] == "http":
-                    by_worker[s.labels["worker"]] = by_worker.get(s.labels["worker"], 0) + s.value
+        by_worker = metric_by(served.metrics_url, "mnist_requests_total", "worker", protocol="http")
         assert sum(by_worker.values()) == 40 and set(by_worker) == {"0", "1"}, by_worker
         assert call(served.http_port, "POST", "/v2/repository/models/mnist/unload")[0] == 200
         assert {call(served.http_port, "GET", "/v2/models/mnist/ready")[0] for _ in range(20)} == {400}

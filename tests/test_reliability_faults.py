@@ -31,71 +31,80 @@ from serving.proto.mnist.v1 import classify_pb2 as cpb
 from serving.proto.mnist.v1 import classify_pb2_grpc
 
 import helpers
-from helpers import add_model, linear_model, wait_for
+from helpers import add_model, infer_request, linear_model, wait_for
 
-QUEUE_DELAY_US = 2_000_000  # requests wait up to 2 s for company: long enough to cancel them while queued
-ONE = np.zeros((1, 1, 28, 28), np.uint8)
-
-
-def infer_request(version: str = "") -> pb.ModelInferRequest:
-    tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=[1, 1, 28, 28])
-    return pb.ModelInferRequest(
-        model_name="mnist", model_version=version, inputs=[tensor], raw_input_contents=[ONE.tobytes()]
-    )
+GATE = 21  # images that start a batch (or 10 s): requests sit in the queue until the test fills it
 
 
-def classify_request() -> cpb.ClassifyRequest:
-    return cpb.ClassifyRequest(model="mnist", images=[cpb.Image(pixels=ONE.tobytes())])
+def classify_request(n: int = 1) -> cpb.ClassifyRequest:
+    return cpb.ClassifyRequest(model="mnist", images=[cpb.Image(pixels=bytes(784))] * n)
 
 
 @pytest.fixture
-def slow_batching(start_server, repo):
-    """A server whose batches wait QUEUE_DELAY_US for more requests, so requests sit in the queue."""
-    return start_server(repo, max_queue_delay_us=QUEUE_DELAY_US)
+def gated(start_server, repo):
+    """A server whose batches start only once GATE images are queued (or after 10 s, a failure here): the
+    test holds requests in the queue for as long as it needs, then fills the batch to release them."""
+    return start_server(repo, max_batch_size=GATE, max_queue_delay_us=10_000_000)
 
 
 def computed_batches(running) -> float:
     return running.metric("mnist_batch_size_count", model="mnist")
 
 
+def computed_images(running) -> float:
+    return running.metric("mnist_batch_size_sum", model="mnist")
+
+
 def dropped(running, reason: str) -> float:
     return running.metric("mnist_requests_dropped_total", model="mnist", reason=reason)
 
 
+def images(n: int) -> np.ndarray:
+    return np.zeros((n, 1, 28, 28), np.uint8)
+
+
 # -- client faults ---------------------------------------------------------------------------------------
-def test_cancelled_calls_are_dropped_before_compute(slow_batching) -> None:
-    running = slow_batching
+def test_cancelled_calls_are_dropped_before_compute(gated) -> None:
+    running = gated
     with running.channel() as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
         calls = [stub.ModelInfer.future(infer_request(), timeout=60) for _ in range(20)]
         wait_for(lambda: running.metric("mnist_queue_depth", model="mnist") == 20)
         for call in calls:
             assert call.cancel()
-        wait_for(lambda: dropped(running, "cancelled") == 20)
-        assert computed_batches(running) == 0  # none of them reached ONNX Runtime
-        assert running.metric("mnist_queue_depth", model="mnist") == 0
-        assert stub.ModelInfer(infer_request(), timeout=30).model_name == "mnist"  # still serving
-    assert computed_batches(running) == 1
+        wait_for(lambda: running.metric("mnist_inflight_requests") == 0, what="the cancelled calls gone")
+        assert computed_batches(running) == 0  # still queued: cancelled, not computed
+        # One image fills the batch: the 20 cancelled requests are dropped, only this one is computed.
+        assert stub.ModelInfer(infer_request(), timeout=30).model_name == "mnist"
+    assert dropped(running, "cancelled") == 20 and dropped(running, "deadline_expired") == 0
+    assert (computed_batches(running), computed_images(running)) == (1, 1)  # none reached ONNX Runtime
+    assert running.metric("mnist_queue_depth", model="mnist") == 0
     wait_for(lambda: running.metric("mnist_inflight_requests") == 0)
 
 
-def test_deadlines_that_expire_while_queued_are_dropped_before_compute(slow_batching) -> None:
-    running = slow_batching
+def test_deadlines_that_expire_while_queued_are_dropped_before_compute(gated) -> None:
+    running = gated
     with running.channel() as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        calls = [stub.ModelInfer.future(infer_request(), timeout=0.5) for _ in range(20)]
+        # Deadlines long enough for every request to reach the queue on a loaded machine; the batch they
+        # wait for starts only when the test fills it, after they have all expired.
+        calls = [stub.ModelInfer.future(infer_request(), timeout=3) for _ in range(20)]
+        wait_for(lambda: running.metric("mnist_queue_depth", model="mnist") == 20, what="20 queued requests")
         codes = [call.exception().code() for call in calls]
         assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 20
-        wait_for(lambda: dropped(running, "deadline_expired") == 20)
+        # The server's own deadline for each (its clock, from the request's grpc-timeout) has passed too.
+        wait_for(lambda: running.metric("mnist_inflight_requests") == 0, what="the expired calls gone")
         assert computed_batches(running) == 0
-        assert stub.ModelInfer(infer_request(), timeout=30).model_name == "mnist"
+        assert stub.ModelInfer(infer_request(), timeout=30).model_name == "mnist"  # fills the batch
+    assert dropped(running, "deadline_expired") == 20 and dropped(running, "cancelled") == 0
+    assert (computed_batches(running), computed_images(running)) == (1, 1)
     wait_for(lambda: running.metric("mnist_inflight_requests") == 0)
 
 
-def test_streams_broken_mid_request_are_cleaned_up(slow_batching) -> None:
+def test_streams_broken_mid_request_are_cleaned_up(gated) -> None:
     """Streams of both APIs cancelled while their request waits in the queue, and a stream whose client
     stops writing mid-way and goes away: nothing leaks (in-flight gauge, queue), nothing is computed."""
-    running = slow_batching
+    running = gated
     with running.channel() as channel:
         kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
         classifier = classify_pb2_grpc.ClassifierStub(channel)
@@ -104,16 +113,17 @@ def test_streams_broken_mid_request_are_cleaned_up(slow_batching) -> None:
         wait_for(lambda: running.metric("mnist_queue_depth", model="mnist") == 18)  # streams are pipelined
         for stream in streams:
             stream.cancel()
-        wait_for(lambda: dropped(running, "cancelled") == 18)
         wait_for(lambda: running.metric("mnist_inflight_requests") == 0)
         assert computed_batches(running) == 0
         stalled: queue.SimpleQueue = queue.SimpleQueue()  # writes one request, then nothing, then leaves
-        stalled.put(classify_request())
+        stalled.put(classify_request(GATE - 18))  # fills the batch: the 18 cancelled ones are dropped
         stream = classifier.ClassifyStream(iter(stalled.get, None), timeout=60)
         assert next(stream).WhichOneof("result") == "response"
+        assert dropped(running, "cancelled") == 18
+        assert (computed_batches(running), computed_images(running)) == (1, GATE - 18)
         stream.cancel()
         assert kserve.ServerLive(pb.ServerLiveRequest(), timeout=30).live
-        assert kserve.ModelInfer(infer_request(), timeout=30).model_name == "mnist"
+        assert kserve.ModelInfer(infer_request(images(GATE)), timeout=30).model_name == "mnist"
     wait_for(lambda: running.metric("mnist_inflight_requests") == 0)
     assert running.metric("mnist_queue_depth", model="mnist") == 0
 
@@ -262,7 +272,8 @@ def test_sigterm_under_load_answers_every_accepted_request(
     served.wait_serving(Connection((served.target,)))
     server = psutil.Process(served.process.pid)
     processes = [server, *server.children(recursive=True)]
-    assert len(processes) > (workers if workers > 1 else 0)
+    servers = [p for p in processes if "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(servers) == (workers + 1 if workers > 1 else 1)  # a supervisor only above one worker
     tally, stop = Tally(), threading.Event()
     clients = [threading.Thread(target=unary_client, args=(served.target, stop, tally)) for _ in range(6)]
     clients += [threading.Thread(target=stream_client, args=(served.target, stop, tally)) for _ in range(2)]

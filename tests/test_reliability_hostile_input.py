@@ -6,14 +6,13 @@ same API, and checks them against an oracle written from the documented contract
 request, the message one short line, the stream must answer with the same status and stay open. A
 well-formed client runs beside the whole module and must see no error; the server must stay up.
 
-Examples are derandomized (the same cases on every run) and counted by kind for docs/reliability.md.
+Examples are derandomized (the same cases on every run), as many as the Hypothesis profile gives
+(conftest.py), and counted by kind for docs/reliability.md.
 """
 
 import io
 import queue
-import struct
 import threading
-import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from serving.proto.mnist.v1 import classify_pb2 as cpb
 from serving.proto.mnist.v1 import classify_pb2_grpc
 from serving.server import ServerConfig
 
-from helpers import wait_for
+from helpers import bmp_header_only, examples, gif_header_only, jpeg_header_only, png_header_only, wait_for
 
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND, EXHAUSTED = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -45,9 +44,9 @@ pytestmark = pytest.mark.filterwarnings(
 )  # inputs tried, by kind (printed at the end of the module for the report)
 
 
-def fuzz(examples: int):
+def fuzz(full: int):
     return settings(
-        max_examples=examples,
+        max_examples=examples(full),
         deadline=None,
         derandomize=True,
         database=None,
@@ -437,41 +436,6 @@ def test_classify_requests_get_the_documented_status(api, bystander, case) -> No
 
 
 # -- decompression bombs: small files whose header declares a huge image -------------------------------------
-def png_header_only(width: int, height: int, mode: int) -> bytes:
-    """A valid PNG signature + IHDR declaring width x height, then a few bytes of IDAT and IEND."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    color_type = {"L": 0, "RGB": 2, "RGBA": 6}[mode] if isinstance(mode, str) else mode
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def gif_header_only(width: int, height: int) -> bytes:
-    screen = b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0)
-    descriptor = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0)
-    return screen + descriptor + b"\x08\x02\x4c\x01\x00;"
-
-
-def bmp_header_only(width: int, height: int) -> bytes:
-    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 0, 0, 2835, 2835, 256, 0)
-    palette = bytes(4 * 256)
-    offset = 14 + len(info) + len(palette)
-    return b"BM" + struct.pack("<IHHI", offset + 64, 0, 0, offset) + info + palette + bytes(64)
-
-
-def jpeg_header_only(width: int, height: int) -> bytes:
-    """A real 8x8 JPEG with the frame header (SOF0) patched to declare width x height."""
-    buffer = io.BytesIO()
-    Image.new("L", (8, 8)).save(buffer, format="JPEG")
-    data = bytearray(buffer.getvalue())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
-
-
 BOMBS = {
     "PNG": (2**31 - 1, lambda w, h, c: png_header_only(w, h, c)),
     "GIF": (2**16 - 1, lambda w, h, c: gif_header_only(w, h)),

@@ -18,12 +18,7 @@ from serving.proto.inference import grpc_service_pb2_grpc
 from serving.runtime import ModelSession, RuntimeOptions
 from serving.statistics import VersionStatistics
 
-from helpers import assert_same_probabilities, wait_for
-
-
-def request(images: np.ndarray) -> pb.ModelInferRequest:
-    tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=list(images.shape))
-    return pb.ModelInferRequest(model_name="mnist", inputs=[tensor], raw_input_contents=[images.tobytes()])
+from helpers import assert_same_probabilities, infer_request, wait_for
 
 
 def probabilities(response: pb.ModelInferResponse) -> np.ndarray:
@@ -41,23 +36,34 @@ def unbatched(trained_repo: Path, images) -> np.ndarray:
     return np.concatenate([session.run(image[None]) for image in images])
 
 
+def batch_sizes(running) -> dict[str, float]:
+    """The server's batch size histogram: runs per bucket (cumulative, as Prometheus counts them)."""
+    return {le: running.metric("mnist_batch_size_bucket", model="mnist", le=le) for le in ("4.0", "8.0")}
+
+
 def test_concurrent_requests_are_batched_and_equal_unbatched(start_server, repo, images, unbatched) -> None:
-    running = start_server(repo, max_queue_delay_us=20_000)
+    # A batch starts only when 8 images wait (or after 10 s): 96 concurrent single-image requests must
+    # form 12 full batches, each answered with its own rows.
+    running = start_server(repo, max_batch_size=8, max_queue_delay_us=10_000_000)
     with running.channel() as channel, ThreadPoolExecutor(32) as pool:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        futures = [pool.submit(stub.ModelInfer, request(images[i : i + 1]), timeout=30) for i in range(96)]
+        futures = [
+            pool.submit(stub.ModelInfer, infer_request(images[i : i + 1]), timeout=30) for i in range(96)
+        ]
         results = np.concatenate([probabilities(f.result()) for f in futures])
     assert_same_probabilities(results, unbatched[:96])
-    runs = running.metric("mnist_batch_size_count", model="mnist")
     assert running.metric("mnist_batch_size_sum", model="mnist") == 96
-    assert 96 / runs > 1, f"{runs} runs for 96 single-image requests: nothing was batched"
+    assert running.metric("mnist_batch_size_count", model="mnist") == 12
+    assert batch_sizes(running) == {"4.0": 0, "8.0": 12}  # every run had exactly 8 images
 
 
 def test_large_request_is_split_into_max_batch_size_runs(start_server, repo, images, unbatched) -> None:
     running = start_server(repo, max_batch_size=128)
     with running.channel() as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        assert_same_probabilities(probabilities(stub.ModelInfer(request(images), timeout=30)), unbatched)
+        assert_same_probabilities(
+            probabilities(stub.ModelInfer(infer_request(images), timeout=30)), unbatched
+        )
     assert running.metric("mnist_batch_size_count", model="mnist") >= 5  # 600 images, at most 128 per run
     assert running.metric("mnist_batch_size_bucket", model="mnist", le="128.0") == running.metric(
         "mnist_batch_size_count", model="mnist"
@@ -69,18 +75,18 @@ def test_full_queue_rejects_at_once_and_expired_requests_are_dropped(start_serve
     running = start_server(repo, max_batch_size=256, max_queue_images=256, max_queue_delay_us=10_000_000)
     with running.channel() as channel, ThreadPoolExecutor(2) as pool:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        first = pool.submit(stub.ModelInfer, request(images[:200]), timeout=60)
+        first = pool.submit(stub.ModelInfer, infer_request(images[:200]), timeout=60)
         wait_for(lambda: running.metric("mnist_queue_depth", model="mnist") == 200)
         with pytest.raises(grpc.RpcError) as error:
-            stub.ModelInfer(request(images[200:300]), timeout=60)
+            stub.ModelInfer(infer_request(images[200:300]), timeout=60)
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue full" in error.value.details()
         assert not first.done()  # rejected at once, not after waiting for room in the queue
         with pytest.raises(grpc.RpcError) as error:
-            stub.ModelInfer(request(images[:1]), timeout=0.2)  # expires while queued
+            stub.ModelInfer(infer_request(images[:1]), timeout=0.2)  # expires while queued
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert not first.done()
-        rest = stub.ModelInfer(request(images[300:355]), timeout=60)  # 200 + 1 + 55 = 256: a full batch
+        rest = stub.ModelInfer(infer_request(images[300:355]), timeout=60)  # 200 + 1 + 55 = 256: a full batch
         assert probabilities(first.result()).shape == (200, 10) and probabilities(rest).shape == (55, 10)
     assert running.metric("mnist_requests_dropped_total", reason="deadline_expired") == 1
     assert running.metric("mnist_requests_dropped_total", reason="queue_full") == 1
@@ -111,15 +117,17 @@ def test_a_failed_batch_fails_every_request_in_it() -> None:
 
 
 def test_one_stream_is_pipelined_into_batches(start_server, repo, images, unbatched) -> None:
-    running = start_server(repo, max_queue_delay_us=20_000)
+    # As above, batches of exactly 8 or none: one stream's 48 requests must be in flight together.
+    running = start_server(repo, max_batch_size=8, max_queue_delay_us=10_000_000)
     with running.channel() as channel:
         stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
         responses = list(
-            stub.ModelStreamInfer(iter([request(images[i : i + 1]) for i in range(48)]), timeout=30)
+            stub.ModelStreamInfer(iter([infer_request(images[i : i + 1]) for i in range(48)]), timeout=30)
         )
     results = np.concatenate([probabilities(r.infer_response) for r in responses])
     assert_same_probabilities(results, unbatched[:48])  # in request order
-    assert running.metric("mnist_batch_size_count", model="mnist") < 48
+    assert running.metric("mnist_batch_size_count", model="mnist") == 6
+    assert batch_sizes(running) == {"4.0": 0, "8.0": 6}
 
 
 def recording_batcher(runs: list, **settings) -> Batcher:

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from serving.client import MnistClient
+from serving.client import main as client_main
 from serving.images import ImageError, decode_image, to_mnist
 from serving.proto.mnist.v1 import classify_pb2 as pb
 from serving.runtime import ModelSession, RuntimeOptions
@@ -113,8 +114,17 @@ def test_decode_rejects_garbage_and_bombs() -> None:
 
 
 def predict(*args: str) -> subprocess.CompletedProcess:
+    """The mnist-predict console script in its own process."""
     command = [str(Path(sys.executable).with_name("mnist-predict")), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def predict_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """mnist-predict's main() in this process: its exit status, stdout and stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        client_main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit_info.value.code, out, err)
 
 
 def test_mnist_predict_png_and_jpeg(server, confident, tmp_path: Path) -> None:
@@ -134,20 +144,22 @@ def test_mnist_predict_png_and_jpeg(server, confident, tmp_path: Path) -> None:
     assert row["label"] == labels[0] and len(row["probabilities"]) == 10 and len(row["top_k"]) == 3
 
 
-def test_mnist_predict_errors_are_one_line(server, confident, tmp_path: Path) -> None:
+def test_mnist_predict_errors_are_one_line(server, confident, tmp_path: Path, capsys) -> None:
     good = tmp_path / "good.png"
     good.write_bytes(png(confident[0][0]))
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a png")
-    done = predict(str(good), str(junk), str(tmp_path / "missing.png"), "--server", server.target)
+    done = predict_here(
+        capsys, str(good), str(junk), str(tmp_path / "missing.png"), "--server", server.target
+    )
     assert done.returncode == 1
     assert len(done.stdout.splitlines()) == 1 and done.stdout.startswith(str(good))
     errors = done.stderr.splitlines()
     assert len(errors) == 2 and "Traceback" not in done.stderr
     assert "cannot read" in done.stderr and "missing.png" in done.stderr
     assert "junk.png: INVALID_ARGUMENT" in done.stderr
-    unreachable = predict(str(good), "--server", "127.0.0.1:1", "--timeout", "3")
+    unreachable = predict_here(capsys, str(good), "--server", "127.0.0.1:1", "--timeout", "3")
     assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr
     assert unreachable.stderr.count("\n") == 1 and "cannot reach server 127.0.0.1:1" in unreachable.stderr
-    unknown = predict(str(good), "--server", server.target, "--model", "nope")
+    unknown = predict_here(capsys, str(good), "--server", server.target, "--model", "nope")
     assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr and unknown.stderr.count("\n") == 1

@@ -3,6 +3,7 @@ mnist-predict and mnist-bench is checked before anything starts (one `<command>:
 mnist-train's flags are covered the same way in test_training_cli.py."""
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -100,17 +101,40 @@ def one_error_line(stderr: str, command: str) -> bool:
     return len(errors) == 1 and "Traceback" not in stderr
 
 
+def refuses(stderr: str, command: str, flag: str) -> bool:
+    """One error line, and it is about this flag's value (not about some other rule the flag trips)."""
+    about_flag = (f"{command}: error: argument {flag}: ", f"{command}: error: {flag} must ")
+    return one_error_line(stderr, command) and any(
+        line.startswith(about_flag) for line in stderr.splitlines()
+    )
+
+
+def setting(config, parser: argparse.ArgumentParser, flag: str):
+    """The value a flag set, found by the flag's destination anywhere in a nested dataclass config."""
+    (dest,) = {a.dest for a in parser._actions if flag in a.option_strings}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name == dest:
+            return value
+        if dataclasses.is_dataclass(value):
+            try:
+                return setting(value, parser, flag)
+            except LookupError:
+                continue
+    raise LookupError(f"{flag} ({dest}) is in no field of {type(config).__name__}")
+
+
 @pytest.mark.parametrize("flag", numeric_flags(serve_parser()))
 @pytest.mark.parametrize("value", VALUES)
 def test_mnist_serve_checks_every_numeric_flag(flag, value, capsys):
     if value in SERVE_ACCEPTS.get(flag, set()):
-        assert isinstance(parse_args([flag, value]), ServerConfig)
+        assert setting(parse_args([flag, value]), serve_parser(), flag) == float(value)
         return
     with pytest.raises(SystemExit) as exit_info:
         parse_args([flag, value])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert one_error_line(err, "mnist-serve") and flag in err, err
+    assert refuses(err, "mnist-serve", flag), err
 
 
 @pytest.mark.parametrize("flag", ["--top-k", "--timeout"])
@@ -123,7 +147,7 @@ def test_mnist_predict_checks_every_numeric_flag(flag, value, capsys, tmp_path):
     if value in PREDICT_ACCEPTS.get(flag, set()):
         assert exit_info.value.code == 1 and "cannot read" in err
     else:
-        assert exit_info.value.code == 2 and one_error_line(err, "mnist-predict") and flag in err, err
+        assert exit_info.value.code == 2 and refuses(err, "mnist-predict", flag), err
 
 
 @pytest.mark.parametrize("flag", numeric_flags(bench_parser()))
@@ -131,13 +155,14 @@ def test_mnist_predict_checks_every_numeric_flag(flag, value, capsys, tmp_path):
 def test_mnist_bench_checks_every_numeric_flag(flag, value, capsys):
     argv = ["--server", "127.0.0.1:1", flag, value]
     if value in BENCH_ACCEPTS.get(flag, set()):
-        assert parse_bench_args(argv)
+        bench, _ = parse_bench_args(argv)
+        assert setting(bench, bench_parser(), flag) == float(value)
         return
     with pytest.raises(SystemExit) as exit_info:
         parse_bench_args(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert one_error_line(err, "mnist-bench") and flag in err, err
+    assert refuses(err, "mnist-bench", flag), err
 
 
 def test_every_bench_numeric_flag_is_checked():

@@ -15,23 +15,9 @@ from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
 from serving.runtime import ModelSession, RuntimeOptions
 
-from helpers import assert_same_probabilities
+from helpers import assert_same_probabilities, infer_request
 
 HERE = Path(__file__).resolve().parent
-
-
-def infer_request(
-    images: np.ndarray, datatype: str = "UINT8", raw: bool = True, **fields
-) -> pb.ModelInferRequest:
-    tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype=datatype, shape=list(images.shape))
-    request = pb.ModelInferRequest(model_name="mnist", inputs=[tensor], **fields)
-    if raw:
-        request.raw_input_contents.append(images.astype("<f4" if datatype == "FP32" else np.uint8).tobytes())
-    elif datatype == "FP32":
-        request.inputs[0].contents.fp32_contents.extend(images.ravel().astype(float).tolist())
-    else:
-        request.inputs[0].contents.uint_contents.extend(images.ravel().tolist())
-    return request
 
 
 def probabilities_of(response: pb.ModelInferResponse) -> np.ndarray:
@@ -169,7 +155,7 @@ def test_model_statistics_count_what_was_served(start_server, repo, digits) -> N
         for n in (1, 3, 5):
             stub.ModelInfer(infer_request(digits[0][:n]))
         with pytest.raises(grpc.RpcError):
-            stub.ModelInfer(infer_request(digits[0][:1], id="x", model_version="7"))  # no such version
+            stub.ModelInfer(infer_request(digits[0][:1], id="x", version="7"))  # no such version
         bad = infer_request(digits[0][:2])
         bad.inputs[0].shape[0] = 3  # payload of 2 images: refused, counted as a failure of mnist/1
         with pytest.raises(grpc.RpcError):

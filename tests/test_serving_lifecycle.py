@@ -15,24 +15,15 @@ from pathlib import Path
 from urllib.request import urlopen
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
 
-from helpers import wait_for
+from helpers import infer_request, wait_for
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-ONE = np.zeros((1, 1, 28, 28), np.uint8)
-
-
-def infer_request(version: str = "", images: np.ndarray = ONE) -> pb.ModelInferRequest:
-    tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=list(images.shape))
-    return pb.ModelInferRequest(
-        model_name="mnist", model_version=version, inputs=[tensor], raw_input_contents=[images.tobytes()]
-    )
 
 
 def add_version(repo: Path, version: int, model_bytes: bytes) -> None:
@@ -102,7 +93,7 @@ def test_hot_reload_swaps_versions_without_failing_requests(start_server, repo: 
             if policy:  # latest 1: version 1 retired once version 2 serves
                 wait_for(lambda: not stub.ModelReady(pb.ModelReadyRequest(name="mnist", version="1")).ready)
             else:  # every version on disk stays addressable
-                assert stub.ModelInfer(infer_request("1")).model_version == "1"
+                assert stub.ModelInfer(infer_request(version="1")).model_version == "1"
 
             add_version(repo, 3, b"\x08\x07 this is not an onnx model")
             wait_for(lambda: any("model_refused" in r.getMessage() for r in caplog.records))
@@ -110,7 +101,7 @@ def test_hot_reload_swaps_versions_without_failing_requests(start_server, repo: 
             assert str(repo / "mnist" / "3" / "model.onnx") in refused
             assert stub.ModelInfer(infer_request()).model_version == "2"  # the corrupt one did not replace it
             with pytest.raises(grpc.RpcError) as error:
-                stub.ModelInfer(infer_request("3"))
+                stub.ModelInfer(infer_request(version="3"))
             assert error.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         stop.set()

@@ -1,7 +1,5 @@
 """TLS, mutual TLS and bearer-token authentication, with certificates generated here."""
 
-import datetime
-import ipaddress
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +7,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -21,69 +15,14 @@ from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
 from serving.security import channel_credentials
 
+import helpers
+
 DIGIT = np.zeros((28, 28), np.uint8)
-
-
-def issue(name: str, issuer_key=None, issuer_name=None, usage=None, ca: bool = False):
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name or subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if usage == "server":
-        san = x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        )
-        builder = builder.add_extension(san, critical=False)
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-    elif usage == "client":
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-    cert = builder.sign(issuer_key or key, hashes.SHA256())
-    return key, cert
-
-
-def write_pem(directory: Path, name: str, key, cert) -> tuple[Path, Path]:
-    key_path, cert_path = directory / f"{name}.key", directory / f"{name}.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("pki")
-    ca_key, ca_cert = issue("test CA", ca=True)
-    _, ca_path = write_pem(directory, "ca", ca_key, ca_cert)
-    server_key, server_cert = write_pem(
-        directory, "server", *issue("localhost", ca_key, ca_cert.subject, "server")
-    )
-    client_key, client_cert = write_pem(
-        directory, "client", *issue("client", ca_key, ca_cert.subject, "client")
-    )
-    rogue_ca_key, rogue_ca = issue("rogue CA", ca=True)
-    rogue_key, rogue_cert = write_pem(
-        directory, "rogue", *issue("rogue", rogue_ca_key, rogue_ca.subject, "client")
-    )
-    return {
-        "ca": ca_path, "server_cert": server_cert, "server_key": server_key, "client_cert": client_cert,
-        "client_key": client_key, "rogue_cert": rogue_cert, "rogue_key": rogue_key,
-    }  # fmt: skip
+    return helpers.pki(tmp_path_factory.mktemp("pki"))
 
 
 def live(channel: grpc.Channel) -> bool:

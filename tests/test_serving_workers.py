@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,6 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from test_serving_kserve import triton_statistics
 
 from serving.bench.loadgen import Connection
@@ -31,9 +29,7 @@ from serving.client import MnistClient
 from serving.proto.inference import grpc_service_pb2 as pb
 from serving.proto.inference import grpc_service_pb2_grpc
 
-from helpers import ClientLoad, wait_for
-
-ONE = np.zeros((1, 1, 28, 28), np.uint8)
+from helpers import ClientLoad, infer_request, metric_by, scrape, wait_for
 
 
 def start(repo: Path, tmp_path: Path, workers: int = 2, *extra: str) -> Spawned:
@@ -52,20 +48,12 @@ def start(repo: Path, tmp_path: Path, workers: int = 2, *extra: str) -> Spawned:
     return served
 
 
-def samples(served: Spawned, name: str) -> list:
-    text = urllib.request.urlopen(served.metrics_url, timeout=10).read().decode()
-    return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
-
-
 def requests_by_worker(served: Spawned) -> Counter:
-    counts: Counter = Counter()
-    for s in samples(served, "mnist_requests_total"):
-        counts[s.labels["worker"]] += int(s.value)
-    return counts
+    return metric_by(served.metrics_url, "mnist_requests_total", "worker")
 
 
 def worker_value(served: Spawned, name: str, worker: int) -> float:
-    return next(s.value for s in samples(served, name) if s.labels["worker"] == str(worker))
+    return next(sample.value for sample in scrape(served.metrics_url, name, worker=str(worker)))
 
 
 def worker_pid(served: Spawned, worker: int) -> int:
@@ -147,13 +135,6 @@ class PlainClient:
 def lowest_free_fd(pid: int) -> int:
     used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
     return next(n for n in itertools.count() if n not in used)
-
-
-def infer_request(version: str = "") -> pb.ModelInferRequest:
-    tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=[1, 1, 28, 28])
-    return pb.ModelInferRequest(
-        model_name="mnist", model_version=version, inputs=[tensor], raw_input_contents=[ONE.tobytes()]
-    )
 
 
 def test_one_client_reaches_every_worker(trained_repo, tmp_path, mnist) -> None:

@@ -1,4 +1,8 @@
-"""mnist-train --ensemble: two briefly trained members become one served model that averages them."""
+"""mnist-train --ensemble: two briefly trained members become one served model that averages them.
+
+mnist-train runs in this process on real MNIST with the test split cut to its first 1,000 digits
+(conftest.py, short_test_split): these tests are about how members combine, not about accuracy.
+"""
 
 import json
 from functools import cache
@@ -10,6 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from serving.contract import INPUT_NAME, OUTPUT_NAME
+from serving.mnist import MNIST
 from serving.runtime import ModelSession, RuntimeOptions
 from training.cli import main
 from training.config import ENSEMBLE_RECIPE
@@ -17,10 +22,17 @@ from training.ensemble import load_member
 from training.export import PARITY_TOL, reference_probabilities, versions
 
 TRAIN = ["--arch", "cnn2", "--epochs", "1", "--train-limit", "3000"]
+pytestmark = pytest.mark.usefixtures("short_test_split")  # mnist-train here sees 1,000 test digits
 
 
 @pytest.fixture(scope="module")
-def ensemble_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def digits(short_test_split: MNIST) -> MNIST:
+    """The MNIST that mnist-train sees here: the members' and the ensembles' test digits."""
+    return short_test_split
+
+
+@pytest.fixture(scope="module")
+def ensemble_repo(tmp_path_factory: pytest.TempPathFactory, short_test_split: MNIST) -> Path:
     """Members digits:1 and digits:2 (seeds 0 and 1) trained in the same command as the ensemble `pair`."""
     repo = tmp_path_factory.mktemp("ensemble") / "repo"
     main([*TRAIN, "--repo", str(repo), "--name", "digits", "--seeds", "0,1", "--ensemble", "pair"])
@@ -38,14 +50,14 @@ def served(path: Path, images: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def on_test_set(mnist):
-    """ONNX Runtime's probabilities on the full test set, computed once per model file."""
+def on_test_set(digits):
+    """ONNX Runtime's probabilities on the (short) test split, computed once per model file."""
 
     def run(path: Path) -> np.ndarray:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        images = mnist.test_images[:, None]
+        images = digits.test_images[:, None]
         return np.concatenate(
-            [session.run(None, {INPUT_NAME: images[i : i + 1000]})[0] for i in range(0, 10_000, 1000)]
+            [session.run(None, {INPUT_NAME: images[i : i + 500]})[0] for i in range(0, len(images), 500)]
         )
 
     return cache(run)
@@ -71,18 +83,18 @@ def test_members_are_exported_and_the_ensemble_keeps_the_contract(ensemble_repo,
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
 
 
-def test_ensemble_is_the_mean_of_its_members(ensemble_repo, mnist, on_test_set):
+def test_ensemble_is_the_mean_of_its_members(ensemble_repo, digits, on_test_set):
     repo = ensemble_repo
     members = [load_member(repo, "digits", version) for version in (1, 2)]
-    expected = np.mean([reference_probabilities(m.net, mnist.test_images) for m in members], axis=0)
+    expected = np.mean([reference_probabilities(m.net, digits.test_images) for m in members], axis=0)
     got = on_test_set(repo / "pair" / "1" / "model.onnx")
     assert np.abs(got - expected).max() <= PARITY_TOL
     assert (got.argmax(1) == expected.argmax(1)).all()
 
 
-def test_metadata_lists_members_and_true_accuracies(ensemble_repo, mnist, on_test_set):
+def test_metadata_lists_members_and_true_accuracies(ensemble_repo, digits, on_test_set):
     def accuracy_of(path: Path) -> float:
-        return float((on_test_set(path).argmax(1) == mnist.test_labels).mean())
+        return float((on_test_set(path).argmax(1) == digits.test_labels).mean())
 
     repo = ensemble_repo
     meta = metadata(repo / "pair" / "1" / "model.onnx")

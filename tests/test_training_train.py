@@ -59,7 +59,7 @@ def test_no_schedule_keeps_the_lr():
 
 def test_each_epoch_reports_its_own_time(mnist):
     lines: list[str] = []
-    cfg = TrainConfig(arch="keras", epochs=3, train_limit=2000, val_size=200, schedule="none")
+    cfg = TrainConfig(arch="keras", epochs=3, train_limit=1000, val_size=100, schedule="none")
     result = train(cfg, mnist, log=lines.append)
     seconds = result.history.epoch_seconds
     assert len(seconds) == 3 and all(s > 0 for s in seconds)

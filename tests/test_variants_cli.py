@@ -8,6 +8,7 @@ from training.cli import main
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("short_test_split")  # each variant is judged on 1,000 real test digits
 def test_variant_flags_export_each_variant_as_its_own_model(tmp_path, capsys, mnist):
     repo = tmp_path / "repo"
     main(["--arch", "cnn2", "--epochs", "1", "--train-limit", "6000", "--repo", str(repo), "--name", "digits",
