@@ -88,11 +88,14 @@ def rss_figures(samples: list, after: float) -> tuple[float, float, float]:
     return statistics.median(measured[:5]), statistics.median(measured[-5:]), max(measured)
 
 
-def test_soak_at_80_percent_of_capacity_answers_everything_in_bounded_memory(served, mnist) -> None:
+def test_soak_at_half_of_capacity_answers_everything_in_bounded_memory(served, mnist) -> None:
     images, labels = mnist.test_images, mnist.test_labels
     unary = build_workload("kserve", False, "mnist", "", images, labels, 1)
     streamed = build_workload("classify", True, "mnist", "", images, labels, 1)
-    rate = 0.8 * capacity(served, unary)
+    # Half, not the benchmark's 80 %: capacity is measured in 3 s with the generator on the same cores, and
+    # a test must not fail because that estimate ran high on a busy machine (benchmarks/reliability/soak.py
+    # runs 80 % for 60 s).
+    rate = 0.5 * capacity(served, unary)
     warmup = 2.0
     with sampling(served) as samples, ThreadPoolExecutor(2) as pool:
         began = time.time() + warmup
