@@ -32,10 +32,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             else:
                 paragraphs.append(
                     textwrap.fill(
-                        " ".join(paragraph.split()), width, initial_indent=indent, subsequent_indent=indent
+                        " ".join(paragraph.split()),
+                        width,
+                        initial_indent=indent,
+                        subsequent_indent=indent,
+                        break_on_hyphens=False,
                     )
                 )
         return "\n\n".join(paragraphs)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # Never inside a flag: "--weight-decay" split at its hyphen could not be copied from the help.
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         unset = action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS)
