@@ -416,7 +416,7 @@ def test_sigint_during_the_second_seed_names_the_first_seeds_export(tmp_path):
         "--epochs",
         "1",
         "--train-limit",
-        "2000",
+        "5000",  # seed 1 trains long enough for the signal to land in its training
     ]
     command += ["--seeds", "0,1", "--repo", str(repo), "--name", "digits"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -428,7 +428,7 @@ def test_sigint_during_the_second_seed_names_the_first_seeds_export(tmp_path):
                 proc.send_signal(signal.SIGINT)
                 break
         rest, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in err
+    assert proc.returncode == 1 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     assert last == f"mnist-train: interrupted; exported before it: {repo / 'digits' / '1'} (seed 0)", err
     assert sorted(p.name for p in (repo / "digits").iterdir()) == ["1", "config.pbtxt"]

@@ -63,7 +63,8 @@ def test_each_epoch_reports_its_own_time(mnist):
     result = train(cfg, mnist, log=lines.append)
     seconds = result.history.epoch_seconds
     assert len(seconds) == 3 and all(s > 0 for s in seconds)
-    assert sum(seconds) <= result.wall_time  # each epoch's own time, not the time since the start
+    # each epoch's own time, not the time since the start (each rounded to 0.01 s, hence the allowance)
+    assert sum(seconds) <= result.wall_time + 0.005 * len(seconds)
     printed = [float(m) for m in re.findall(r"^epoch \d/3: .*\((\d+\.\d)s\)$", "\n".join(lines), re.M)]
     assert printed == pytest.approx(seconds, abs=0.06)
 
