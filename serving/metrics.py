@@ -11,7 +11,6 @@ than the observation itself.
 
 from dataclasses import dataclass
 
-import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -83,11 +82,6 @@ class Metrics:
             queue_full=self.dropped.labels(model, "queue_full"),
             cancelled=self.dropped.labels(model, "cancelled"),
         )
-
-    def serve_http(self, host: str, port: int):
-        """Start the /metrics endpoint on a daemon thread; returns the WSGI server (its port, shutdown())."""
-        httpd, _ = prometheus_client.start_http_server(port, addr=host, registry=self.registry)
-        return httpd
 
 
 @dataclass(frozen=True)
