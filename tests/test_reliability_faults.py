@@ -89,11 +89,14 @@ def test_deadlines_that_expire_while_queued_are_dropped_before_compute(gated) ->
         # Deadlines long enough for every request to reach the queue on a loaded machine; the batch they
         # wait for starts only when the test fills it, after they have all expired.
         calls = [stub.ModelInfer.future(infer_request(), timeout=3) for _ in range(20)]
+        sent = time.monotonic()
         wait_for(lambda: running.metric("mnist_queue_depth", model="mnist") == 20, what="20 queued requests")
         codes = [call.exception().code() for call in calls]
         assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 20
-        # The server's own deadline for each (its clock, from the request's grpc-timeout) has passed too.
         wait_for(lambda: running.metric("mnist_inflight_requests") == 0, what="the expired calls gone")
+        # The client's deadline ends each call first; the server's own (its clock, from the grpc-timeout it
+        # received) ends a moment later. Past both, the queue can only say the deadline expired.
+        time.sleep(max(0.0, sent + 3 + 0.5 - time.monotonic()))
         assert computed_batches(running) == 0
         assert stub.ModelInfer(infer_request(), timeout=30).model_name == "mnist"  # fills the batch
     assert dropped(running, "deadline_expired") == 20 and dropped(running, "cancelled") == 0
