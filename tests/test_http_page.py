@@ -155,7 +155,7 @@ def clear(browser) -> None:
 def test_drawn_mnist_digits_get_the_models_answer(browser, server, mnist, tmp_path) -> None:
     open_page(browser, server)
     drawn, right = 0, 0
-    for i, pointer in zip(range(10), ["mouse", "touch"] * 5, strict=True):
+    for i, pointer in zip(range(6), ["mouse", "touch"] * 3, strict=True):
         digit, label = mnist.test_images[i], int(mnist.test_labels[i])
         draw(browser, strokes_of(digit), pointer)
         shown = settled(browser)
@@ -171,7 +171,7 @@ def test_drawn_mnist_digits_get_the_models_answer(browser, server, mnist, tmp_pa
         drawn, right = drawn + 1, right + (shown["digit"] == str(label))
         clear(browser)
     # The framing is MNIST's: colouring in real test digits gives the model what it was trained on.
-    assert right >= 8, f"{right} of {drawn} drawn digits recognised"
+    assert right >= 5, f"{right} of {drawn} drawn digits recognised"
     screenshot = tmp_path / "page.png"
     assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 1000
 

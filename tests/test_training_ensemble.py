@@ -1,10 +1,12 @@
-"""mnist-train --ensemble: two briefly trained members become one served model that averages them.
+"""mnist-train --ensemble: the recipe's members, trained briefly, become one served model that averages them.
 
 mnist-train runs in this process on real MNIST with the test split cut to its first 1,000 digits
 (conftest.py, short_test_split): these tests are about how members combine, not about accuracy.
 """
 
+import io
 import json
+from contextlib import redirect_stdout
 from functools import cache
 from pathlib import Path
 
@@ -21,7 +23,8 @@ from training.config import ENSEMBLE_RECIPE
 from training.ensemble import load_member
 from training.export import PARITY_TOL, reference_probabilities, versions
 
-TRAIN = ["--arch", "cnn2", "--epochs", "1", "--train-limit", "3000"]
+N = len(ENSEMBLE_RECIPE)
+MEMBERS = tuple(range(1, N + 1))
 pytestmark = pytest.mark.usefixtures("short_test_split")  # mnist-train here sees 1,000 test digits
 
 
@@ -32,11 +35,20 @@ def digits(short_test_split: MNIST) -> MNIST:
 
 
 @pytest.fixture(scope="module")
-def ensemble_repo(tmp_path_factory: pytest.TempPathFactory, short_test_split: MNIST) -> Path:
-    """Members digits:1 and digits:2 (seeds 0 and 1) trained in the same command as the ensemble `pair`."""
+def recipe_run(tmp_path_factory: pytest.TempPathFactory, short_test_split: MNIST) -> tuple[Path, list[str]]:
+    """--ensemble alone: the recipe's members (small here: 1 epoch on 500 images) as digits:1..N, and their
+    ensemble `pair`, in one command; the repository and the lines it printed."""
     repo = tmp_path_factory.mktemp("ensemble") / "repo"
-    main([*TRAIN, "--repo", str(repo), "--name", "digits", "--seeds", "0,1", "--ensemble", "pair"])
-    return repo
+    out = io.StringIO()
+    with redirect_stdout(out):
+        main(["--ensemble", "pair", "--name", "digits", "--epochs", "1", "--train-limit", "500",
+              "--repo", str(repo)])  # fmt: skip
+    return repo, out.getvalue().strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def ensemble_repo(recipe_run: tuple[Path, list[str]]) -> Path:
+    return recipe_run[0]
 
 
 def run_main(capsys, *argv: str) -> list[str]:
@@ -85,7 +97,7 @@ def test_members_are_exported_and_the_ensemble_keeps_the_contract(ensemble_repo,
 
 def test_ensemble_is_the_mean_of_its_members(ensemble_repo, digits, on_test_set):
     repo = ensemble_repo
-    members = [load_member(repo, "digits", version) for version in (1, 2)]
+    members = [load_member(repo, "digits", version) for version in MEMBERS]
     expected = np.mean([reference_probabilities(m.net, digits.test_images) for m in members], axis=0)
     got = on_test_set(repo / "pair" / "1" / "model.onnx")
     assert np.abs(got - expected).max() <= PARITY_TOL
@@ -99,10 +111,11 @@ def test_metadata_lists_members_and_true_accuracies(ensemble_repo, digits, on_te
     repo = ensemble_repo
     meta = metadata(repo / "pair" / "1" / "model.onnx")
     members = json.loads(meta["members"])
-    assert [m["model"] for m in members] == ["digits:1", "digits:2"]
-    assert all(m["arch"] == "cnn2" for m in members) and meta["arch"] == "ensemble"
+    assert [m["model"] for m in members] == [f"digits:{v}" for v in MEMBERS]
+    assert [m["arch"] for m in members] == [recipe["arch"] for recipe in ENSEMBLE_RECIPE]
+    assert meta["arch"] == "ensemble"
     member_accuracies = []
-    for m, version in zip(members, (1, 2), strict=True):
+    for m, version in zip(members, MEMBERS, strict=True):
         path = repo / "digits" / str(version) / "model.onnx"
         accuracy = accuracy_of(path)
         assert m["test_accuracy"] == pytest.approx(accuracy, abs=5e-5)
@@ -116,12 +129,19 @@ def test_metadata_lists_members_and_true_accuracies(ensemble_repo, digits, on_te
         assert (repo / "pair" / "1" / picture).stat().st_size > 0
 
 
-def test_members_from_the_repository_give_the_same_model(ensemble_repo, on_test_set, capsys):
+def test_members_from_the_repository_are_averaged_and_a_bare_name_is_its_latest(ensemble_repo, on_test_set,
+                                                                                 capsys):  # fmt: skip
     repo = ensemble_repo
-    lines = run_main(capsys, "--repo", str(repo), "--ensemble", "pair", "--members", "digits:1,digits")
+    last = MEMBERS[-1]
+    listed = f"digits:{last - 1},digits"
+    lines = run_main(capsys, "--repo", str(repo), "--ensemble", "pair", "--members", listed)
     assert lines[-1] == f"exported: {repo / 'pair' / '2'}"
-    first, second = (on_test_set(repo / "pair" / v / "model.onnx") for v in ("1", "2"))
-    np.testing.assert_array_equal(first, second)  # "digits" alone is its latest version, 2
+    members = json.loads(metadata(repo / "pair" / "2" / "model.onnx")["members"])
+    assert [m["model"] for m in members] == [f"digits:{last - 1}", f"digits:{last}"]
+    each = [on_test_set(repo / "digits" / str(v) / "model.onnx") for v in (last - 1, last)]
+    expected = np.mean(each, axis=0)
+    got = on_test_set(repo / "pair" / "2" / "model.onnx")
+    assert np.abs(got - expected).max() <= PARITY_TOL and (got.argmax(1) == expected.argmax(1)).all()
 
 
 @pytest.mark.parametrize(
@@ -142,21 +162,11 @@ def test_bad_member_is_refused_before_anything_is_written(ensemble_repo, capsys,
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
 
 
-def test_the_ensemble_recipe_is_one_command(tmp_path, mnist, capsys):
-    """--ensemble alone trains the recipe's members (small here: 1 epoch on 500 images) and their ensemble."""
-    repo = tmp_path / "repo"
-    lines = run_main(capsys, "--ensemble", "mix", "--name", "parts", "--epochs", "1", "--train-limit", "500",
-                     "--repo", str(repo))  # fmt: skip
-    n = len(ENSEMBLE_RECIPE)
-    assert versions(repo / "parts") == list(range(1, n + 1))
-    assert lines[-1] == f"exported: {repo / 'mix' / '1'}"
-    members = json.loads(metadata(repo / "mix" / "1" / "model.onnx")["members"])
-    assert [m["model"] for m in members] == [f"parts:{v}" for v in range(1, n + 1)]
-    assert [m["arch"] for m in members] == [recipe["arch"] for recipe in ENSEMBLE_RECIPE]
-    for version, recipe in enumerate(ENSEMBLE_RECIPE, 1):
-        config = json.loads((repo / "parts" / str(version) / "metrics.json").read_text())["config"]
+def test_the_ensemble_recipe_is_one_command(recipe_run):
+    repo, lines = recipe_run
+    assert versions(repo / "digits") == list(MEMBERS)
+    assert lines[-1] == f"exported: {repo / 'pair' / '1'}"
+    for version, recipe in zip(MEMBERS, ENSEMBLE_RECIPE, strict=True):
+        config = json.loads((repo / "digits" / str(version) / "metrics.json").read_text())["config"]
         assert config["epochs"] == 1 and config["train_limit"] == 500
         assert all(config[key] == value for key, value in recipe.items() if key != "epochs")
-    probs = served(repo / "mix" / "1" / "model.onnx", mnist.test_images[:5])
-    assert probs.shape == (5, 10)
-    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)

@@ -9,7 +9,8 @@ The server turns a request into the ModelInferRequest the gRPC servicer answers 
 JSON numbers as the raw bytes of their datatype), so both protocols share one validation
 (serving.kserve.decode_tensor) and one inference path; only what is particular to JSON is checked here. The
 client half (encode_request, decode_response) is what load generators and tests send and read. No web
-framework is imported.
+framework is imported. JSON is read and written with orjson: a 32-image request's 25,088 numbers parse in
+about a quarter of the standard library's time (benchmarks/serving.md, HTTP).
 """
 
 import json
@@ -18,6 +19,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import orjson
 
 from serving.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 from serving.errors import RequestError
@@ -52,8 +54,8 @@ def invalid(message: str) -> RequestError:
 
 def parse_json(data: bytes | memoryview, what: str = "request body") -> Any:
     try:
-        return json.loads(bytes(data))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, huge integers; deep nesting
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:  # also bad UTF-8, integers past 64 bits, nesting past 1,024 levels
         raise invalid(f"{what} is not valid JSON: {str(e)[:200]}") from None
 
 
@@ -186,7 +188,7 @@ def infer_response(response: pb.ModelInferResponse, options: InferOptions) -> tu
     header = {"model_name": response.model_name, "model_version": response.model_version, "outputs": outputs}
     if response.id:
         header["id"] = response.id
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = orjson.dumps(header)
     if not binary:
         return text, None
     return b"".join([text, *binary]), len(text)
@@ -208,7 +210,7 @@ def encode_request(
     if binary:
         tensor["parameters"] = {"binary_data_size": images.nbytes}
     else:
-        tensor["data"] = images.ravel().tolist()
+        tensor["data"] = images.ravel()
     header: dict[str, Any] = {
         "inputs": [tensor],
         "outputs": [{"name": OUTPUT_NAME, "parameters": {"binary_data": binary_output}}],
@@ -217,7 +219,7 @@ def encode_request(
         header["id"] = request_id
     if parameters:
         header["parameters"] = parameters
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
     if not binary:
         return text, {"Content-Type": JSON_TYPE}
     return text + images.tobytes(), {"Content-Type": BINARY_TYPE, HEADER_LENGTH: str(len(text))}
