@@ -1,6 +1,7 @@
 """Start a server on loopback for the benchmark (`mnist-serve`, or the echo floor), wait until it
 serves, and stop it with SIGTERM at the end."""
 
+import random
 import shlex
 import signal
 import socket
@@ -24,8 +25,32 @@ class SpawnError(Exception):
 RELAYED = ("level=WARNING", "level=ERROR", "level=CRITICAL", "error:")  # log lines worth saying at once
 
 
+LOWEST_PORT = 10_000
+_PORTS = random.SystemRandom()  # not the global generator, which test runners reseed alike in every process
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default; elsewhere a port below it is as good a guess as any
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free on 127.0.0.1 now, chosen at random below the kernel's ephemeral range: a port the kernel
+    picks itself (bind to port 0) is one it may hand to any other process's outgoing connection before the
+    spawned server binds it, which happened under concurrent test processes. Below the range only another
+    explicit choice can take it."""
+    highest = _ephemeral_start() - 1
+    for _ in range(100):
+        port = _PORTS.randint(LOWEST_PORT, highest)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every try taken: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
