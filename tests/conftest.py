@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -70,6 +70,28 @@ def trained_repo(request: pytest.FixtureRequest) -> Path:
             assert done.stdout.strip().splitlines()[-1] == f"exported: {staging / 'mnist' / '1'}"
             staging.rename(cached)
     return cached
+
+
+@pytest.fixture(scope="session")
+def built_once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[Path], None]], Path]:
+    """`built_once(name, build)`: a directory that `build` fills once per test run, in whichever test
+    process asks first while the others wait for it; for fixtures too costly to repeat in each of
+    pytest-xdist's processes (module fixtures run once per process). Read-only: copy it to modify it."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: one run's common root
+
+    def get(name: str, build: Callable[[Path], None]) -> Path:
+        root = shared / f"built-{name}"
+        done = root.with_name(root.name + ".done")  # built where it stays: paths it printed hold
+        with FileLock(f"{root}.lock"):
+            if not done.exists():
+                shutil.rmtree(root, ignore_errors=True)  # what a failed build left
+                root.mkdir()
+                build(root)
+                done.touch()
+        return root
+
+    return get
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from serving.bench.cli import parse_args
 from serving.bench.loadgen import Connection, Level, RunResult, RunSpec, run, schedule
 from serving.bench.rest import server_counts_as_http
 from serving.bench.runner import split_spec
-from serving.bench.spawn import Spawned, serve_command
+from serving.bench.spawn import Spawned, ephemeral_range_start, serve_command
 
 from helpers import add_model, fitted_repo, fitted_weights, metric, metric_by, pki, slow_model, wait_for
 
@@ -482,3 +482,13 @@ def test_the_token_file_is_checked_like_the_servers(tmp_path):
     empty.write_text("\n")
     done = _bench("--server", "127.0.0.1:1", "--auth-token-file", str(empty))
     assert done.returncode == 2 and done.stderr.strip() == f"mnist-bench: error: token file {empty} is empty"
+
+
+def test_processes_choosing_ports_at_once_never_get_the_same_one():
+    """Each of two processes takes 300 ports while the other does: at random alone, a shared one would be
+    all but certain (birthday odds over ~23,000 ports); none is, and none is in the kernel's own range."""
+    take = "from serving.bench.spawn import free_port; print(*(free_port() for _ in range(300)))"
+    runs = [subprocess.Popen([sys.executable, "-c", take], stdout=subprocess.PIPE, text=True) for _ in "ab"]
+    first, second = ({int(p) for p in run.communicate(timeout=60)[0].split()} for run in runs)
+    assert len(first) == len(second) == 300 and not first & second
+    assert max(first | second) < ephemeral_range_start()

@@ -241,6 +241,7 @@ REFUSED = {
     # handed to the application (grpc/grpc#41785); they were never accepted. That no accepted call was
     # cut off is shown by the server's own counts (below).
     "unary CANCELLED",
+    "stream CANCELLED",
     "refused: stream ended before it was read",
 }
 
@@ -307,6 +308,7 @@ def test_sigterm_under_load_answers_every_accepted_request(
     # accepted call cut off.
     refusals = (
         "unary CANCELLED: CANCELLED",
+        "stream CANCELLED: CANCELLED",
         "unary UNAVAILABLE: failed to connect",
         "stream UNAVAILABLE: failed to connect",
         "unary UNAVAILABLE: Cancelling all calls",

@@ -410,8 +410,6 @@ def test_sigint_during_the_second_seed_names_the_first_seeds_export(tmp_path):
         sys.executable,
         "-m",
         "training.cli",
-        "--arch",
-        "keras",
         "--epochs",
         "1",
         "--train-limit",

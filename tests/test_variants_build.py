@@ -26,8 +26,7 @@ from training.variants import (
 )
 
 
-@pytest.fixture(scope="module")
-def fp32_path(mnist: MNIST, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def train_fp32(mnist: MNIST, path: Path) -> None:
     """A small CNN (conv 8, conv 16, fc 32) trained for one pass over 8k real digits, exported for real."""
     torch.manual_seed(0)
     features = nn.Sequential(
@@ -44,20 +43,28 @@ def fp32_path(mnist: MNIST, tmp_path_factory: pytest.TempPathFactory) -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    path = tmp_path_factory.mktemp("fp32") / "model.onnx"
     path.write_bytes(to_onnx(net.eval(), {"arch": "tiny-cnn", "config_digest": "abc"}))
-    return path
 
 
-@pytest.fixture(scope="module")
-def variant_repo(mnist: MNIST, fp32_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository holding the FP32 model as `mnist` and each variant as `mnist-<kind>`, all version 1."""
-    repo = tmp_path_factory.mktemp("variants") / "repo"
+def build_variant_repo(mnist: MNIST, repo: Path) -> None:
+    """The FP32 model as `mnist` and each variant as `mnist-<kind>`, all version 1."""
+    fp32_path = repo.parent / "model.onnx"
+    train_fp32(mnist, fp32_path)
     write_version(repo, "mnist", fp32_path.read_bytes(), lambda version_dir: None)
     for kind in VARIANTS:
         variant, _ = build_variant(kind, fp32_path, mnist)
         write_version(repo, f"mnist-{kind}", variant.SerializeToString(), lambda version_dir: None)
-    return repo
+
+
+@pytest.fixture(scope="module")
+def variant_repo(mnist: MNIST, built_once) -> Path:
+    """The variants' repository, built once for the whole run (read-only)."""
+    return built_once("variants", lambda root: build_variant_repo(mnist, root / "repo")) / "repo"
+
+
+@pytest.fixture(scope="module")
+def fp32_path(variant_repo: Path) -> Path:
+    return variant_repo / "mnist" / "1" / "model.onnx"
 
 
 def accuracy_of(session: ModelSession, mnist: MNIST) -> float:
@@ -147,10 +154,10 @@ def test_unknown_variant_is_refused(mnist: MNIST, fp32_path: Path) -> None:
 @pytest.mark.skipif(
     resolve_device("auto") != CUDA, reason="needs onnxruntime-gpu and a CUDA GPU (CPU-only here)"
 )
-def test_fp16_on_cuda_matches_fp32(mnist: MNIST, fp32_path: Path) -> None:
+def test_fp16_on_cuda_matches_fp32(mnist: MNIST, fp32_path: Path, tmp_path: Path) -> None:
     variant, report = build_variant("fp16", fp32_path, mnist)  # judged on CUDA when a GPU is present
     assert report.accuracy >= report.fp32_accuracy - MAX_ACCURACY_DROP
-    path = fp32_path.parent / "fp16-cuda.onnx"
+    path = tmp_path / "fp16-cuda.onnx"
     onnx.save(variant, path)
     session = ModelSession(path, RuntimeOptions(device="cuda", batch_buckets=(1, 64)))
     want = ModelSession(fp32_path, RuntimeOptions(device="cpu")).run(mnist.test_images[:100, None])

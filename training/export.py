@@ -3,6 +3,7 @@ writer of a Triton-layout model repository:
 <repo>/<name>/config.pbtxt and <repo>/<name>/<version>/model.onnx."""
 
 import copy
+import functools
 import os
 import shutil
 import tempfile
@@ -56,6 +57,19 @@ def fp32_cpu_copy(net: nn.Module) -> nn.Module:
     return copy.deepcopy(net).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
 
 
+def _build_the_torchlib_registry_once() -> None:
+    """torch.onnx.export rebuilds onnxscript's operator registry on every call, re-parsing the source of
+    about 500 functions: 2-3 s on a 2-core CPU, paid again by every member of an ensemble and every seed of
+    --seeds. An export only reads the registry, so one per opset serves every export of the process."""
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+    except ImportError:  # another torch layout: exports stay correct, only slower
+        return
+    build = ONNXRegistry.from_torchlib  # a classmethod, bound here
+    if not hasattr(build, "cache_info"):
+        ONNXRegistry.from_torchlib = staticmethod(functools.cache(build))
+
+
 def to_onnx(net: nn.Module | list[nn.Module], metadata: dict[str, str]) -> bytes:
     """Export with the dynamo exporter (the TorchScript one is deprecated), batch dimension dynamic. A list of
     nets becomes one ensemble graph that averages their probabilities."""
@@ -63,6 +77,7 @@ def to_onnx(net: nn.Module | list[nn.Module], metadata: dict[str, str]) -> bytes
     servable = Servable(*map(fp32_cpu_copy, nets))
     example = torch.zeros(2, *IMAGE_SHAPE, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    _build_the_torchlib_registry_once()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's chatter is not the user's concern
         program = torch.onnx.export(

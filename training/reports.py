@@ -95,14 +95,21 @@ def plot_filters(out: Path, net: nn.Module) -> None:
     else:
         weights = conv.weight.detach().cpu().numpy()[:, 0]
         title = f"first conv filters ({conv.kernel_size[0]}x{conv.kernel_size[1]})"
+    # One image with a blank line between filters, each scaled by its own largest weight: a grid of subplots
+    # took up to a second.
     cols = 8
     rows = -(-len(weights) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols, rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, w in zip(axes.flat, weights, strict=False):
-        ax.imshow(w, cmap="bwr", vmin=-np.abs(w).max(), vmax=np.abs(w).max())
-    fig.suptitle(title)
+    side = weights.shape[-1]
+    cell = side + 1
+    mosaic = np.full((rows * cell - 1, cols * cell - 1), np.nan)
+    for k, w in enumerate(weights):
+        r, c = divmod(k, cols)
+        scale = max(float(np.abs(w).max()), 1e-12)
+        mosaic[r * cell : r * cell + side, c * cell : c * cell + side] = w / scale
+    fig, ax = plt.subplots(figsize=(cols, rows + 0.4))
+    ax.imshow(mosaic, cmap="bwr", vmin=-1, vmax=1, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(out / "filters.png", dpi=100)
     plt.close(fig)

@@ -1,14 +1,17 @@
 """Start a server on loopback for the benchmark (`mnist-serve`, or the echo floor), wait until it
 serves, and stop it with SIGTERM at the end."""
 
+import fcntl
 import random
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -29,7 +32,7 @@ LOWEST_PORT = 10_000
 _PORTS = random.SystemRandom()  # not the global generator, which test runners reseed alike in every process
 
 
-def _ephemeral_start() -> int:
+def ephemeral_range_start() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -40,19 +43,54 @@ def free_port() -> int:
     """A port free on 127.0.0.1 now, chosen at random below the kernel's ephemeral range: a port the kernel
     picks itself (bind to port 0) is one it may hand to any other process's outgoing connection before the
     spawned server binds it, which happened under concurrent test processes. Below the range only another
-    explicit choice can take it."""
-    highest = _ephemeral_start() - 1
-    for _ in range(100):
-        port = _PORTS.randint(LOWEST_PORT, highest)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
+    explicit choice can take it, so the ports handed out in the last minute, by every process on this
+    machine, are kept in a shared file (HANDED_OUT) and never handed out twice."""
+    highest = ephemeral_range_start() - 1
+    with _handed_out() as recent:
+        for _ in range(100):
+            port = _PORTS.randint(LOWEST_PORT, highest)
+            if port in recent:
                 continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            recent[port] = time.time()
             return port
     with socket.socket() as s:  # every try taken: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+HANDED_OUT = Path(tempfile.gettempdir()) / "mnist-serving-ports"
+HANDED_OUT_FOR_S = 60.0  # long enough for a spawned server to bind what it was given
+
+
+@contextmanager
+def _handed_out() -> Iterator[dict[int, float]]:
+    """The ports free_port gave out recently ({port: when}), read and written under an exclusive lock; an
+    empty dict, shared with nobody, where the file cannot be opened (e.g. another user's)."""
+    try:
+        f = open(HANDED_OUT, "a+")  # noqa: SIM115 (held across the yield)
+    except OSError:
+        yield {}
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        now, recent = time.time(), {}
+        for line in f.read().split():
+            port, _, when = line.partition("@")
+            try:
+                if now - float(when) < HANDED_OUT_FOR_S:
+                    recent[int(port)] = float(when)
+            except ValueError:  # a torn line: forget it
+                continue
+        yield recent
+        f.seek(0)
+        f.truncate()
+        f.write("".join(f"{port}@{when:.3f}\n" for port, when in recent.items()))
 
 
 def serve_command() -> list[str]:
