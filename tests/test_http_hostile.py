@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from test_http_api import call, error_of, png
 
 from serving.config import HttpOptions
-from serving.http.tensors import HEADER_LENGTH, encode_request
+from serving.errors import RequestError
+from serving.http.tensors import HEADER_LENGTH, encode_request, infer_request
 
 from helpers import examples, jpeg_header_only, png_header_only, wait_for
 
@@ -125,6 +126,31 @@ def test_tensors_get_200_exactly_when_valid(port, name, datatype, shape, extra_b
         assert json.loads(answer[2][:length])["outputs"][0]["shape"] == [shape[0], 10]
     else:
         assert refused(answer) == expected, (expected, answer[2][:300])
+
+
+pixel_like = st.integers(-2, 257) | st.booleans() | st.floats(-1, 256, allow_nan=False) | st.text(max_size=2)
+
+
+@settings(max_examples=examples(400), deadline=None)
+@given(
+    data=st.lists(pixel_like, min_size=1, max_size=12)
+    | st.lists(st.integers(0, 255), min_size=1, max_size=12)
+    | st.lists(st.lists(st.integers(0, 255), min_size=1, max_size=3), min_size=1, max_size=3)
+)
+def test_json_pixels_are_read_as_numpy_reads_them(data) -> None:
+    """Flat pixel lists take a faster way than NumPy; what it accepts, and the bytes, are NumPy's: integers
+    within 0..255, evenly nested; floats, strings and a tensor of booleans alone refused."""
+    header = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1], "data": data}]}
+    try:
+        got = infer_request("mnist", "", header, memoryview(b""))[0].raw_input_contents[0]
+    except RequestError:
+        got = None
+    try:
+        values = np.asarray(data)
+    except ValueError:  # ragged
+        values = np.asarray([1.5])
+    in_range = values.dtype.kind in "iu" and values.min() >= 0 and values.max() <= 255
+    assert got == (values.astype(np.uint8).tobytes() if in_range else None)
 
 
 def test_json_nested_past_any_reason_is_400(port) -> None:
