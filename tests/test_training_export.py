@@ -77,7 +77,7 @@ def test_parity_reference_is_fp32_on_cpu_whatever_the_training_device_computes(t
     """A net trained where convolutions run below FP32 (TF32 on CUDA; here bfloat16 autocast, as trained) is
     judged by an FP32 CPU reference: the device's own outputs would miss the parity tolerance."""
     result, _, model_bytes = trained
-    digits = mnist.test_images[:2000]  # bfloat16 autocast on a CPU is slow: a fifth of the test split
+    digits = mnist.test_images[:500]  # bfloat16 autocast is slow on a CPU without bf16 instructions
     reference = reference_probabilities(result.model, digits)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         as_on_device = Servable(result.model)(torch.from_numpy(digits[:, None])).float().numpy()
