@@ -51,47 +51,50 @@ def _training_key() -> str:
     return digest.hexdigest()[:16]
 
 
+def build_once(root: Path, build: Callable[[Path], None]) -> Path:
+    """`root`, filled by `build` unless a finished build is there already. Behind a file lock: of
+    pytest-xdist's processes the first to ask builds while the others wait. Built where it stays, so the paths
+    it printed hold; a marker beside it says it finished, and what a failed build left is removed."""
+    done = root.with_name(root.name + ".done")
+    with FileLock(f"{root}.lock"):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            build(root)
+            done.touch()
+    return root
+
+
+def _train_serving_model(repo: Path) -> None:
+    for stale in repo.parent.glob("mnist-repo-*"):  # the models of training code as it was
+        if stale.name.startswith(repo.name):
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+    train = str(Path(sys.executable).with_name("mnist-train"))
+    done = subprocess.run([train, *TRAIN_ARGS, "--repo", str(repo)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, f"mnist-train failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    assert done.stdout.strip().splitlines()[-1] == f"exported: {repo / 'mnist' / '1'}"
+
+
 @pytest.fixture(scope="session")
 def trained_repo(request: pytest.FixtureRequest) -> Path:
-    """A model repository with one trained version of `mnist` and its reports (read-only: copy it to
-    modify it)."""
-    cached = Path(request.config.cache.mkdir(f"mnist-repo-{_training_key()}"))
-    with FileLock(cached.with_name(cached.name + ".lock")):
-        if not (cached / "mnist" / "1" / "model.onnx").is_file():
-            for stale in cached.parent.glob("mnist-repo-*"):
-                if stale.is_dir():
-                    shutil.rmtree(stale)
-            staging = cached.with_name(cached.name + ".partial")
-            shutil.rmtree(staging, ignore_errors=True)
-            train = str(Path(sys.executable).with_name("mnist-train"))
-            command = [train, *TRAIN_ARGS, "--repo", str(staging)]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-            assert done.returncode == 0, f"mnist-train failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-            assert done.stdout.strip().splitlines()[-1] == f"exported: {staging / 'mnist' / '1'}"
-            staging.rename(cached)
-    return cached
+    """A model repository with one trained version of `mnist` and its reports, kept in pytest's cache across
+    runs (read-only: copy it to modify it)."""
+    cache = Path(request.config.cache.mkdir("trained"))
+    return build_once(cache / f"mnist-repo-{_training_key()}", _train_serving_model)
 
 
 @pytest.fixture(scope="session")
 def built_once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[Path], None]], Path]:
-    """`built_once(name, build)`: a directory that `build` fills once per test run, in whichever test
-    process asks first while the others wait for it; for fixtures too costly to repeat in each of
-    pytest-xdist's processes (module fixtures run once per process). Read-only: copy it to modify it."""
+    """`built_once(name, build)`: build_once in this test run's own directory, for fixtures too costly to
+    repeat in each of pytest-xdist's processes (module fixtures run once per process). Read-only: copy it to
+    modify it."""
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: one run's common root
-
-    def get(name: str, build: Callable[[Path], None]) -> Path:
-        root = shared / f"built-{name}"
-        done = root.with_name(root.name + ".done")  # built where it stays: paths it printed hold
-        with FileLock(f"{root}.lock"):
-            if not done.exists():
-                shutil.rmtree(root, ignore_errors=True)  # what a failed build left
-                root.mkdir()
-                build(root)
-                done.touch()
-        return root
-
-    return get
+    return lambda name, build: build_once(shared / f"built-{name}", build)
 
 
 @pytest.fixture
