@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_worker(config: ServerConfig, index: int, link: Connection) -> None:
-    """Entry point of worker process `index` (spawned by the supervisor): one whole server on the shared
-    port. A failure to start goes to the supervisor as one line, not as a traceback per worker."""
+    """Entry point of worker process `index` (forked by the supervisor's fork server): one whole server on the
+    shared port. A failure to start goes to the supervisor as one line, not as a traceback per worker."""
     die_with_parent()
     configure_logging(config.log_level, index)
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnx
+import psutil
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -105,6 +106,13 @@ input [ {{ name: "images" data_type: TYPE_UINT8 dims: [ 1, 28, 28 ] }} ]
 output [ {{ name: "probabilities" data_type: TYPE_FP32 dims: [ 10 ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: 0 }}
 """
+
+
+def server_processes(server: psutil.Process) -> list[psutil.Process]:
+    """A running mnist-serve's own processes: itself and, under a supervisor, its workers; not the helpers
+    multiprocessing starts beside them (the resource tracker, the fork server the workers are forked from)."""
+    helpers = {p.pid for p in server.children() if "from multiprocessing" in " ".join(p.cmdline())}
+    return [server, *(p for p in server.children(recursive=True) if p.pid not in helpers)]
 
 
 def linear_model(

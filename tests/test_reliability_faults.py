@@ -31,7 +31,7 @@ from serving.proto.mnist.v1 import classify_pb2 as cpb
 from serving.proto.mnist.v1 import classify_pb2_grpc
 
 import helpers
-from helpers import add_model, infer_request, linear_model, wait_for
+from helpers import add_model, infer_request, linear_model, server_processes, wait_for
 
 GATE = 21  # images that start a batch (or 10 s): requests sit in the queue until the test fills it
 
@@ -275,8 +275,8 @@ def test_sigterm_under_load_answers_every_accepted_request(
     served = Spawned.mnist_serve(serve_command(), trained_repo, args, log)
     served.wait_serving(Connection((served.target,)))
     server = psutil.Process(served.process.pid)
-    processes = [server, *server.children(recursive=True)]
-    servers = [p for p in processes if "resource_tracker" not in " ".join(p.cmdline())]
+    processes = [server, *server.children(recursive=True)]  # multiprocessing's helpers too: all must go
+    servers = server_processes(server)
     assert len(servers) == (workers + 1 if workers > 1 else 1)  # a supervisor only above one worker
     tally, stop = Tally(), threading.Event()
     clients = [threading.Thread(target=unary_client, args=(served.target, stop, tally)) for _ in range(6)]
