@@ -154,7 +154,21 @@ def test_members_from_the_repository_are_averaged_and_a_bare_name_is_its_latest(
     each = [on_test_set(repo / "digits" / str(v) / "model.onnx") for v in (last - 1, last)]
     expected = np.mean(each, axis=0)
     got = on_test_set(repo / "pair" / "2" / "model.onnx")
-    assert np.abs(got - expected).max() <= PARITY_TOL and (got.argmax(1) == expected.argmax(1)).all()
+    # The members' own graphs, composed: what they serve, averaged, up to float32 rounding.
+    assert np.abs(got - expected).max() <= 1e-6 and (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_members_exported_for_other_opsets_are_refused_in_one_line(own_repo):
+    repo = own_repo
+    path = repo / "digits" / "2" / "model.onnx"
+    model = onnx.load(path)
+    (default,) = [o for o in model.opset_import if o.domain == ""]
+    default.version -= 1  # as an export by another exporter version would be
+    onnx.save(model, path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--repo", str(repo), "--ensemble", "another", "--members", "digits:1,digits:2"])
+    assert "different opsets" in exit_info.value.code and "\n" not in exit_info.value.code
+    assert not (repo / "another").exists()
 
 
 @pytest.mark.parametrize(

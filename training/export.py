@@ -39,17 +39,14 @@ class ExportError(Exception):
 
 
 class Servable(nn.Module):
-    """What the server runs: raw uint8 pixels in, class probabilities out. Given several nets (an ensemble),
-    the mean of their probabilities, from pixels normalised once."""
+    """What the server runs: raw uint8 pixels in, class probabilities out."""
 
-    def __init__(self, *nets: nn.Module):
+    def __init__(self, net: nn.Module):
         super().__init__()
-        self.nets = nn.ModuleList(nets)
+        self.net = net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() / 255.0 - MEAN) / STD
-        probs = [torch.softmax(net(x), dim=1) for net in self.nets]
-        return probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
+        return torch.softmax(self.net((images.float() / 255.0 - MEAN) / STD), dim=1)
 
 
 def fp32_cpu_copy(net: nn.Module) -> nn.Module:
@@ -70,11 +67,9 @@ def _build_the_torchlib_registry_once() -> None:
         ONNXRegistry.from_torchlib = staticmethod(functools.cache(build))
 
 
-def to_onnx(net: nn.Module | list[nn.Module], metadata: dict[str, str]) -> bytes:
-    """Export with the dynamo exporter (the TorchScript one is deprecated), batch dimension dynamic. A list of
-    nets becomes one ensemble graph that averages their probabilities."""
-    nets = net if isinstance(net, list) else [net]
-    servable = Servable(*map(fp32_cpu_copy, nets))
+def to_onnx(net: nn.Module, metadata: dict[str, str]) -> bytes:
+    """Export with the dynamo exporter (the TorchScript one is deprecated), batch dimension dynamic."""
+    servable = Servable(fp32_cpu_copy(net))
     example = torch.zeros(2, *IMAGE_SHAPE, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
     _build_the_torchlib_registry_once()
@@ -91,10 +86,14 @@ def to_onnx(net: nn.Module | list[nn.Module], metadata: dict[str, str]) -> bytes
             external_data=False,
             verbose=False,
         )
-    model = program.model_proto
-    # The dynamo exporter names the symbolic dimension after the Dim; make it the conventional "N".
+    return finish(program.model_proto, metadata)
+
+
+def finish(model: onnx.ModelProto, metadata: dict[str, str]) -> bytes:
+    """The exported graph as the repository keeps it: batch dimension "N", the labels and `metadata` in its
+    metadata, checked in full."""
     for value in (*model.graph.input, *model.graph.output):
-        value.type.tensor_type.shape.dim[0].dim_param = "N"
+        value.type.tensor_type.shape.dim[0].dim_param = "N"  # the exporter names it after the torch Dim
     for key, value in {"labels": ",".join(LABELS), "variant": "fp32", **metadata}.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
