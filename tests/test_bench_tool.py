@@ -71,7 +71,7 @@ def test_end_to_end_outputs_are_consistent(repo, tmp_path):
     out = tmp_path / "out"
     done = _bench(
         "--spawn", "--repo", str(repo), "--server-args=--workers 1", "--concurrency", "1,4",
-        "--duration", "0.5", "--warmup", "0.2", "--ceiling-batch-sizes", "1", "--out", str(out),
+        "--duration", "0.3", "--warmup", "0.1", "--ceiling-batch-sizes", "1", "--out", str(out),
         "--no-progress", "--compare", "kserve:--max-queue-delay-us 0",
         "classify-stream:-- --api classify --stream --images-per-request 2",
     )  # fmt: skip
@@ -177,7 +177,7 @@ def test_over_http_every_request_is_counted_as_the_server_counts_it(repo, tmp_pa
     out = tmp_path / "out"
     done = _bench(
         "--spawn", "--repo", str(repo), "--server-args=--workers 1", "--protocol", "http",
-        "--concurrency", "3", "--duration", "0.5", "--warmup", "0.2", "--baselines", "floor",
+        "--concurrency", "3", "--duration", "0.3", "--warmup", "0.1", "--baselines", "floor",
         "--out", str(out), "--no-progress",
         "--compare", "kserve:", "classify:-- --api classify --images-per-request 2",
     )  # fmt: skip

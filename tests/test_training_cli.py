@@ -423,10 +423,13 @@ def test_sigint_during_the_second_seed_names_the_first_seeds_export(tmp_path):
     ) as proc:
         for line in proc.stdout:
             if line.startswith("exported: "):  # seed 0 is written; seed 1 starts training now
+                # How the process treats signals (ignored, blocked, caught) when sent this one, for a failure.
+                status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                masks = [line for line in status if line.startswith("Sig")]
                 proc.send_signal(signal.SIGINT)
                 break
         rest, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert proc.returncode == 1 and "Traceback" not in err, (err, masks)
     last = err.strip().splitlines()[-1]
     assert last == f"mnist-train: interrupted; exported before it: {repo / 'digits' / '1'} (seed 0)", err
     assert sorted(p.name for p in (repo / "digits").iterdir()) == ["1", "config.pbtxt"]
