@@ -80,12 +80,32 @@ def _train_serving_model(repo: Path) -> None:
     assert done.stdout.strip().splitlines()[-1] == f"exported: {repo / 'mnist' / '1'}"
 
 
+def _trained_root(config: pytest.Config) -> Path:
+    return Path(config.cache.mkdir("trained")) / f"mnist-repo-{_training_key()}"
+
+
+_training_in_background: dict[Path, threading.Thread] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the serving model's training as soon as the tests are known, beside the first of them: a test
+    process that asks for it later waits less, instead of every test process waiting at the first test that
+    needs it (about 25 s on 2 cores). Each pytest-xdist process starts one; the file lock lets one train."""
+    if any("trained_repo" in item.fixturenames for item in session.items):
+        root = _trained_root(session.config)
+        training = threading.Thread(target=build_once, args=(root, _train_serving_model), daemon=True)
+        training.start()
+        _training_in_background[root] = training
+
+
 @pytest.fixture(scope="session")
 def trained_repo(request: pytest.FixtureRequest) -> Path:
     """A model repository with one trained version of `mnist` and its reports, kept in pytest's cache across
     runs (read-only: copy it to modify it)."""
-    cache = Path(request.config.cache.mkdir("trained"))
-    return build_once(cache / f"mnist-repo-{_training_key()}", _train_serving_model)
+    root = _trained_root(request.config)
+    if (training := _training_in_background.get(root)) is not None:
+        training.join()  # then build_once finds it built, or builds it here and fails as a test does
+    return build_once(root, _train_serving_model)
 
 
 @pytest.fixture(scope="session")

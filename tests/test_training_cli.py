@@ -405,17 +405,18 @@ def test_a_variant_or_ensemble_name_that_cannot_be_written_is_reported_first(tmp
 # --- an interrupted run says what it exported ------------------------------------------------------------
 
 
+# mnist-train as a terminal runs it in the foreground, where Ctrl-C is SIGINT at its default. This process may
+# run with SIGINT ignored, which its children inherit: a script's `pytest ... &` ignores SIGINT and SIGQUIT.
+FOREGROUND = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'mnist-train'; runpy.run_module('training.cli', run_name='__main__')"
+)
+
+
 def test_sigint_during_the_second_seed_names_the_first_seeds_export(tmp_path):
     repo = tmp_path / "models"
-    command = [
-        sys.executable,
-        "-m",
-        "training.cli",
-        "--epochs",
-        "1",
-        "--train-limit",
-        "5000",  # seed 1 trains long enough for the signal to land in its training
-    ]
+    command = [sys.executable, "-c", FOREGROUND, "--epochs", "1"]
+    command += ["--train-limit", "5000"]  # seed 1 trains long enough for the signal to land in its training
     command += ["--seeds", "0,1", "--repo", str(repo), "--name", "digits"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with subprocess.Popen(
