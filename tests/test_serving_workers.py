@@ -166,19 +166,23 @@ def test_a_killed_worker_is_restarted_while_the_others_answer(trained_repo, tmp_
         assert served.stop() == 0
 
 
+def fork_server_of(supervisor: psutil.Process) -> psutil.Process:
+    (fork_server,) = [p for p in supervisor.children() if "forkserver" in " ".join(p.cmdline())]
+    return fork_server
+
+
 def test_workers_lost_with_their_fork_server_come_back_from_a_new_one(trained_repo, tmp_path, mnist) -> None:
     served = start(trained_repo, tmp_path)
     try:
         supervisor = psutil.Process(served.process.pid)
-        (fork_server,) = [p for p in supervisor.children() if "forkserver" in " ".join(p.cmdline())]
+        fork_server = fork_server_of(supervisor)
         lost = {worker_pid(served, w) for w in (0, 1)}
         assert {p.pid for p in fork_server.children()} == lost
         fork_server.kill()  # its workers stop with it (they die with their parent)
         wait_for(lambda: not {worker_pid(served, w) for w in (0, 1)} & lost, 60, "both workers restarted")
         log = served.log_path
         wait_for(lambda: log.read_text().count("event=listening") == 4, 60, "both listening again")
-        (again,) = [p for p in supervisor.children() if "forkserver" in " ".join(p.cmdline())]
-        assert again.pid != fork_server.pid
+        assert fork_server_of(supervisor).pid != fork_server.pid
         with MnistClient(served.target, connections=16) as client:
             answers = [client.classify(mnist.test_images[i]).predictions[0].label for i in range(32)]
         assert sum(a == label for a, label in zip(answers, mnist.test_labels[:32], strict=True)) >= 30

@@ -72,12 +72,8 @@ def averaged(exported: list[bytes], metadata: dict[str, str]) -> bytes:
             f"the members were exported for different opsets ({sorted(opsets)}); export them again"
         )
     first = graphs[0].graph
-    images = helper.make_tensor_value_info(INPUT_NAME, first.input[0].type.tensor_type.elem_type, None)
-    images.type.CopyFrom(first.input[0].type)
-    probabilities = helper.make_tensor_value_info(
-        OUTPUT_NAME, first.output[0].type.tensor_type.elem_type, None
-    )
-    probabilities.type.CopyFrom(first.output[0].type)
+    images = helper.make_value_info(INPUT_NAME, first.input[0].type)
+    probabilities = helper.make_value_info(OUTPUT_NAME, first.output[0].type)
     nodes = [helper.make_node("Identity", [INPUT_NAME], [g.graph.input[0].name]) for g in graphs]
     nodes += [node for g in graphs for node in g.graph.node]
     nodes.append(helper.make_node("Mean", [g.graph.output[0].name for g in graphs], [OUTPUT_NAME]))
