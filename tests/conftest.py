@@ -87,6 +87,21 @@ def _trained_root(config: pytest.Config) -> Path:
 _training_in_background: dict[Path, threading.Thread] = {}
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The shuffled order (pytest-randomly shuffles before this hook), regrouped by a stable sort around the
+    costly shared builds so that no test process sits waiting for one: the tests that build in their own
+    process (built_once) first, the tests that need the serving model, trained in the background from the
+    start, last. pytest-xdist hands each process a contiguous share of this order, so the first share builds
+    and every share starts with tests that need no build."""
+
+    def group(item: pytest.Item) -> int:
+        if "trained_repo" in item.fixturenames:
+            return 2
+        return 0 if "built_once" in item.fixturenames else 1
+
+    items.sort(key=group)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the serving model's training as soon as the tests are known, beside the first of them: a test
     process that asks for it later waits less, instead of every test process waiting at the first test that

@@ -36,11 +36,11 @@ def digits(short_test_split: MNIST) -> MNIST:
 
 
 def run_recipe(root: Path) -> None:
-    """--ensemble alone: the recipe's members (small here: 1 epoch on 500 images) as digits:1..N, and their
+    """--ensemble alone: the recipe's members (small here: 1 epoch on 200 images) as digits:1..N, and their
     ensemble `pair`, in one command, into root/repo; the lines it printed into root/printed."""
     out = io.StringIO()
     with redirect_stdout(out):
-        main(["--ensemble", "pair", "--name", "digits", "--epochs", "1", "--train-limit", "500",
+        main(["--ensemble", "pair", "--name", "digits", "--epochs", "1", "--train-limit", "200",
               "--repo", str(root / "repo")])  # fmt: skip
     (root / "printed").write_text(out.getvalue())
 
@@ -195,5 +195,5 @@ def test_the_ensemble_recipe_is_one_command(recipe_run):
     assert lines[-1] == f"exported: {repo / 'pair' / '1'}"
     for version, recipe in zip(MEMBERS, ENSEMBLE_RECIPE, strict=True):
         config = json.loads((repo / "digits" / str(version) / "metrics.json").read_text())["config"]
-        assert config["epochs"] == 1 and config["train_limit"] == 500
+        assert config["epochs"] == 1 and config["train_limit"] == 200
         assert all(config[key] == value for key, value in recipe.items() if key != "epochs")

@@ -234,7 +234,7 @@ def train_and_export(
             print(f"variant {kind}: {path}")
     print(phases.line())
     print(f"exported: {version_dir}")
-    return Member(f"{config.name}:{version_dir.name}", cfg.arch, result.model, model_bytes)
+    return Member(f"{config.name}:{version_dir.name}", cfg.arch, result.model, model_bytes, test_probs)
 
 
 def build_variants(model_bytes: bytes, kinds: list[str], mnist: MNIST) -> list[tuple[str, bytes]]:

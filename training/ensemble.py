@@ -5,7 +5,8 @@ Members come from the repository (name:version: the model.onnx, and the net rebu
 beside it) or from models trained in the same command. The graph is composed from the members' own exported
 graphs, not exported again from PyTorch (seconds per member with the dynamo exporter), so the ensemble
 computes exactly what its members serve. It is parity-checked against the mean of the members' FP32
-PyTorch probabilities on the full test set, and written atomically as a new version.
+PyTorch probabilities on the full test set (computed once: a member trained in the same command brings the
+probabilities it was judged on), and written atomically as a new version.
 """
 
 import json
@@ -31,6 +32,8 @@ class Member:
     arch: str
     net: nn.Module
     exported: bytes  # its model.onnx
+    # Its FP32 probabilities on the test set, when the same command trained it and judged it on them already.
+    test_probabilities: np.ndarray | None = None
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -93,7 +96,11 @@ def averaged(exported: list[bytes], metadata: dict[str, str]) -> bytes:
 
 def export_ensemble(repo: Path, name: str, members: list[Member], mnist: MNIST) -> Path:
     """Write one ONNX model that averages the members' probabilities; prints its accuracy, returns its dir."""
-    member_probs = [reference_probabilities(m.net, mnist.test_images) for m in members]
+    member_probs = [
+        m.test_probabilities if m.test_probabilities is not None
+        else reference_probabilities(m.net, mnist.test_images)
+        for m in members
+    ]  # fmt: skip
     expected = np.mean(member_probs, axis=0, dtype=np.float32)
     test_accuracy = accuracy(expected, mnist.test_labels)
     listed = [
