@@ -28,6 +28,14 @@ class RuntimeOptions:
     # server gets its parallelism from concurrent batches (measured: benchmarks/variants.md).
     intra_op_threads: int = field(default=1, metadata=flag("ORT threads per run (0 = one per core)"))
     inter_op_threads: int = field(default=1, metadata=flag("ORT threads across graph branches"))
+    # A large batch is another matter: one client sending 32 images waits on one run at a time, and two
+    # threads cut that run by a third while costing no more CPU per request under load; single images keep
+    # one thread, where two cost 5-11 % more CPU per request (benchmarks/serving.md, "Large batches").
+    large_batch_images: int = field(
+        default=16,
+        metadata=flag("CPU: batches of at least this many images run with --large-batch-threads (0 = never)"),
+    )
+    large_batch_threads: int = field(default=2, metadata=flag("CPU: ORT threads per run of a large batch"))
     # The graph is a chain: "parallel" has nothing to overlap.
     execution_mode: str = field(
         default="sequential", metadata=flag("ORT execution mode", choices=EXECUTION_MODES)
@@ -60,9 +68,11 @@ class RuntimeOptions:
     def __post_init__(self) -> None:
         c = type(self)
         require(self.device in DEVICES, c, "device", " or ".join(DEVICES), self.device)
-        for name in ("intra_op_threads", "inter_op_threads"):
+        for name in ("intra_op_threads", "inter_op_threads", "large_batch_threads"):
             value = getattr(self, name)
             require(within(value, 0, 1024), c, name, "within 0..1024 (0 = one per core)", value)
+        require(within(self.large_batch_images, 0, 65536), c, "large_batch_images", "within 0..65536",
+                self.large_batch_images)  # fmt: skip
         require(self.execution_mode in EXECUTION_MODES, c, "execution_mode", " or ".join(EXECUTION_MODES),
                 self.execution_mode)  # fmt: skip
         require(self.cudnn_conv_algo_search in CUDNN_CONV_ALGO_SEARCHES, c, "cudnn_conv_algo_search",

@@ -1,6 +1,8 @@
 """ONNX Runtime sessions for serving: provider choice, threads, contract checks at load, warm-up.
 
-CPU: a plain `InferenceSession.run` on the dynamic-batch graph, unless --batch-buckets asks for padding.
+CPU: a plain `InferenceSession.run` on the dynamic-batch graph, one ORT thread for small batches and a
+second session of the same graph with --large-batch-threads for large ones, unless --batch-buckets asks for
+padding.
 CUDA: shape-stable batch buckets (serving.buckets), each a fixed-shape session with IO binding and, where
 capture succeeds, a CUDA graph. Defaults were chosen by measurement; see benchmarks/serving.md.
 """
@@ -86,10 +88,10 @@ def resolve_device(device: str) -> str:
     )
 
 
-def _session_options(options: RuntimeOptions) -> ort.SessionOptions:
+def _session_options(options: RuntimeOptions, intra_op_threads: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = options.intra_op_threads
+    so.intra_op_num_threads = options.intra_op_threads if intra_op_threads is None else intra_op_threads
     so.inter_op_num_threads = options.inter_op_threads
     so.execution_mode = EXECUTION_MODES[options.execution_mode]
     spin = "1" if options.allow_spinning else "0"
@@ -190,6 +192,15 @@ class ModelSession:
         self._session = self._open(cuda if provider == CUDA and not sizes else [CPU])
         batch_dim = _check_contract(self._session, self.path)
         self._buckets: Buckets | None = None
+        self._large_batch_session: ort.InferenceSession | None = None
+        large = self.options.large_batch_threads
+        if (
+            provider == CPU
+            and not sizes
+            and self.options.large_batch_images
+            and large != self.options.intra_op_threads
+        ):
+            self._large_batch_session = self._open([CPU], _session_options(self.options, large))
         if sizes:
             if batch_dim is None:
                 raise ModelLoadError(
@@ -253,7 +264,10 @@ class ModelSession:
             )
         if self._buckets is not None:
             return self._buckets.run(images)
-        return self._session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images)})[0]
+        session = self._session
+        if self._large_batch_session is not None and len(images) >= self.options.large_batch_images:
+            session = self._large_batch_session
+        return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images)})[0]
 
     def close(self) -> None:
         """Stop the bucket threads; the session is not run afterwards."""

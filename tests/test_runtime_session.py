@@ -104,6 +104,52 @@ def test_results_do_not_depend_on_batch_size(cnn_path: Path) -> None:
         assert (other.argmax(1) == whole.argmax(1)).all()
 
 
+def intra_op_threads(session: ort.InferenceSession | None) -> int | None:
+    return session.get_session_options().intra_op_num_threads if session is not None else None
+
+
+@pytest.mark.parametrize(
+    ("options", "small", "large"),
+    [
+        ({}, 1, 2),  # the defaults: from 16 images, two threads
+        ({"large_batch_images": 8, "large_batch_threads": 3}, 1, 3),
+        ({"large_batch_images": 0}, 1, None),  # off
+        ({"large_batch_threads": 1}, 1, None),  # the same threads as every run: nothing to switch to
+        ({"batch_buckets": (4, 64)}, 1, None),  # padded buckets run in their own sessions
+    ],
+)
+def test_large_batches_run_with_their_own_threads(cnn_path: Path, options: dict, small, large) -> None:
+    """A second session of the same graph, with --large-batch-threads, runs the batches of at least
+    --large-batch-images, and answers as the one-thread session does."""
+    session = ModelSession(cnn_path, RuntimeOptions(device="cpu", **options))
+    one_thread, large_batches = session._session, session._large_batch_session
+    assert intra_op_threads(one_thread) == small and intra_op_threads(large_batches) == large
+    if large_batches is None:
+        return
+    ran: list[str] = []
+    session._session = Recorded(one_thread, "one thread", ran)
+    session._large_batch_session = Recorded(large_batches, "large batches", ran)
+    threshold = session.options.large_batch_images
+    for n in (threshold - 1, threshold, len(IMAGES)):
+        session.run(IMAGES[:n])
+    assert ran == ["one thread", "large batches", "large batches"]
+    feed = {"images": IMAGES}
+    np.testing.assert_allclose(
+        large_batches.run(None, feed)[0], one_thread.run(None, feed)[0], atol=TOLERANCE
+    )
+
+
+class Recorded:
+    """A real ORT session that notes its name in `ran` at every run: which one ModelSession chose."""
+
+    def __init__(self, session: ort.InferenceSession, name: str, ran: list[str]) -> None:
+        self.session, self.name, self.ran = session, name, ran
+
+    def run(self, *args, **kwargs):
+        self.ran.append(self.name)
+        return self.session.run(*args, **kwargs)
+
+
 @pytest.mark.parametrize("buckets", [(), (2, 4)], ids=["dynamic-batch", "buckets"])
 def test_concurrent_callers_get_their_own_results(cnn_path: Path, buckets: tuple) -> None:
     session = ModelSession(cnn_path, RuntimeOptions(device="cpu", batch_buckets=buckets))

@@ -77,6 +77,8 @@ SERVE_ACCEPTS = {
     "--http-port": {"0", "-1"},
     "--intra-op-threads": {"0"},
     "--inter-op-threads": {"0"},
+    "--large-batch-images": {"0"},
+    "--large-batch-threads": {"0"},
     "--max-queue-delay-us": {"0"},
     "--grace": {"0"},
 }
@@ -88,7 +90,8 @@ def test_every_numeric_flag_is_in_the_tables():
     assert set(numeric_flags(serve_parser())) >= set(SERVE_ACCEPTS)
     assert numeric_flags(serve_parser()) == [
         "--batch-buckets", "--grace", "--http-port", "--http-read-timeout",
-        "--inter-op-threads", "--intra-op-threads", "--max-batch-size",
+        "--inter-op-threads", "--intra-op-threads", "--large-batch-images", "--large-batch-threads",
+        "--max-batch-size",
         "--max-concurrent-rpcs", "--max-connection-age", "--max-image-bytes", "--max-image-pixels",
         "--max-images-per-request", "--max-message-bytes", "--max-pending-rpcs", "--max-queue-delay-us",
         "--max-queue-images", "--max-streams",
