@@ -193,14 +193,9 @@ class ModelSession:
         batch_dim = _check_contract(self._session, self.path)
         self._buckets: Buckets | None = None
         self._large_batch_session: ort.InferenceSession | None = None
-        large = self.options.large_batch_threads
-        if (
-            provider == CPU
-            and not sizes
-            and self.options.large_batch_images
-            and large != self.options.intra_op_threads
-        ):
-            self._large_batch_session = self._open([CPU], _session_options(self.options, large))
+        if provider == CPU and not sizes and self._large_batches_get_other_threads():
+            so = _session_options(self.options, self.options.large_batch_threads)
+            self._large_batch_session = self._open([CPU], so)
         if sizes:
             if batch_dim is None:
                 raise ModelLoadError(
@@ -210,6 +205,16 @@ class ModelSession:
         elif self._session.get_providers()[0] != provider:
             raise _CudaUnavailable
         self.provider = provider
+
+    def _large_batches_get_other_threads(self) -> bool:
+        """Whether --large-batch-threads differs from what every run has: not when turned off, nor when the
+        runs already have a thread per core (--intra-op-threads 0)."""
+        o = self.options
+        return (
+            bool(o.large_batch_images)
+            and o.intra_op_threads != 0
+            and o.large_batch_threads != o.intra_op_threads
+        )
 
     @property
     def inline_images(self) -> int:

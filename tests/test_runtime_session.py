@@ -115,6 +115,7 @@ def intra_op_threads(session: ort.InferenceSession | None) -> int | None:
         ({"large_batch_images": 8, "large_batch_threads": 3}, 1, 3),
         ({"large_batch_images": 0}, 1, None),  # off
         ({"large_batch_threads": 1}, 1, None),  # the same threads as every run: nothing to switch to
+        ({"intra_op_threads": 0}, 0, None),  # every run has a thread per core already
         ({"batch_buckets": (4, 64)}, 1, None),  # padded buckets run in their own sessions
     ],
 )
